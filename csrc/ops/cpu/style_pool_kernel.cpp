@@ -1,0 +1,232 @@
+// style_pool CPU kernels. Rows of CAFace's feature maps (784 or 196 values) fit in L1, so each
+// row is reduced in two passes over the cached row: mean, then the deviations from it. That
+// stays exact where a one-pass sum / sum-of-squares cancels (|mean| >> std).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "ops/style_pool.h"
+#include "ops/style_pool_math.h"
+
+namespace fusedset {
+namespace {
+
+constexpr int64_t kLanes = 16;
+// Channels reduced together in channels_last rows: a 256-byte slice of each pixel.
+constexpr int64_t kChannelBlock = 64;
+
+template <typename acc_t>
+struct Stats {
+  acc_t mean;
+  acc_t std;
+};
+
+// Corrected two-pass (Chan, Golub & LeVeque): the sum of the deviations from the first-pass
+// mean cancels that mean's rounding error to first order, in the mean and in the variance.
+template <typename acc_t>
+Stats<acc_t> corrected_stats(acc_t mean, acc_t sum_dev, acc_t sum_sq_dev, int64_t n) {
+  const acc_t count = static_cast<acc_t>(n);
+  return {mean + sum_dev / count, unbiased_std(sum_sq_dev - sum_dev * sum_dev / count, n)};
+}
+
+// Independent partial sums break the add dependency chain so the loop vectorizes. One sum per
+// sweep: fusing two sums into one sweep spills the lanes and runs 3x slower.
+template <typename acc_t, typename Term>
+acc_t lane_sum(int64_t n, const Term& term) {
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      part[l] += term(i + l);
+    }
+  }
+  acc_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    total += part[l];
+  }
+  for (; i < n; ++i) {
+    total += term(i);
+  }
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+Stats<acc_t> row_stats(const scalar_t* row, int64_t n) {
+  const auto value = [row](int64_t i) { return static_cast<acc_t>(row[i]); };
+  const acc_t mean = lane_sum<acc_t>(n, value) / static_cast<acc_t>(n);
+  const acc_t sum_dev = lane_sum<acc_t>(n, [&](int64_t i) { return value(i) - mean; });
+  const acc_t sum_sq_dev = lane_sum<acc_t>(n, [&](int64_t i) {
+    const acc_t d = value(i) - mean;
+    return d * d;
+  });
+  return corrected_stats(mean, sum_dev, sum_sq_dev, n);
+}
+
+template <typename scalar_t>
+void contiguous_forward(const at::Tensor& x, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = x.size(0) * x.size(1);
+  const int64_t n = x.size(2) * x.size(3);
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Stats<acc_t> s = row_stats<scalar_t, acc_t>(data + r * n, n);
+      dst[2 * r] = static_cast<scalar_t>(s.mean);
+      dst[2 * r + 1] = static_cast<scalar_t>(s.std);
+    }
+  });
+}
+
+template <typename scalar_t>
+void contiguous_backward(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = x.size(0) * x.size(1);
+  const int64_t n = x.size(2) * x.size(3);
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = data + r * n;
+      const Stats<acc_t> s = row_stats<scalar_t, acc_t>(row, n);
+      const RowGrad<acc_t> d(static_cast<acc_t>(g[2 * r]), static_cast<acc_t>(g[2 * r + 1]),
+                             s.mean, s.std, n);
+      for (int64_t i = 0; i < n; ++i) {
+        dst[r * n + i] = static_cast<scalar_t>(d(static_cast<acc_t>(row[i])));
+      }
+    }
+  });
+}
+
+// channels_last: per image, an (H*W, C) row-major matrix. A block of channels is reduced down
+// the H*W axis with the channel index innermost, so loads stay contiguous and vectorize.
+template <typename scalar_t, typename Body>
+void for_each_channel_block(const at::Tensor& x, const Body& body) {
+  const int64_t batch = x.size(0);
+  const int64_t channels = x.size(1);
+  const int64_t n = x.size(2) * x.size(3);
+  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
+  const int64_t grain =
+      std::max<int64_t>(1, 32768 / std::max<int64_t>(n * kChannelBlock, 1));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks;
+      const int64_t c0 = (task % blocks) * kChannelBlock;
+      body(b, c0, std::min(kChannelBlock, channels - c0), channels, n);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void channel_block_stats(const scalar_t* image, int64_t c0, int64_t width, int64_t channels,
+                         int64_t n, Stats<acc_t>* stats) {
+  acc_t sum[kChannelBlock] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* px = image + i * channels + c0;
+    for (int64_t c = 0; c < width; ++c) {
+      sum[c] += static_cast<acc_t>(px[c]);
+    }
+  }
+  acc_t mean[kChannelBlock];
+  acc_t sum_dev[kChannelBlock] = {};
+  acc_t sum_sq_dev[kChannelBlock] = {};
+  for (int64_t c = 0; c < width; ++c) {
+    mean[c] = sum[c] / static_cast<acc_t>(n);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* px = image + i * channels + c0;
+    for (int64_t c = 0; c < width; ++c) {
+      const acc_t d = static_cast<acc_t>(px[c]) - mean[c];
+      sum_dev[c] += d;
+      sum_sq_dev[c] += d * d;
+    }
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    stats[c] = corrected_stats(mean[c], sum_dev[c], sum_sq_dev[c], n);
+  }
+}
+
+template <typename scalar_t>
+void channels_last_forward(const at::Tensor& x, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  for_each_channel_block<scalar_t>(
+      x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
+        Stats<acc_t> stats[kChannelBlock];
+        channel_block_stats(data + b * n * channels, c0, width, channels, n, stats);
+        for (int64_t c = 0; c < width; ++c) {
+          dst[2 * (b * channels + c0 + c)] = static_cast<scalar_t>(stats[c].mean);
+          dst[2 * (b * channels + c0 + c) + 1] = static_cast<scalar_t>(stats[c].std);
+        }
+      });
+}
+
+template <typename scalar_t>
+void channels_last_backward(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
+  for_each_channel_block<scalar_t>(
+      x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
+        const scalar_t* image = data + b * n * channels;
+        Stats<acc_t> stats[kChannelBlock];
+        channel_block_stats(image, c0, width, channels, n, stats);
+        RowGrad<acc_t> grads[kChannelBlock];
+        for (int64_t c = 0; c < width; ++c) {
+          const int64_t row = b * channels + c0 + c;
+          grads[c] = RowGrad<acc_t>(static_cast<acc_t>(g[2 * row]),
+                                    static_cast<acc_t>(g[2 * row + 1]), stats[c].mean,
+                                    stats[c].std, n);
+        }
+        scalar_t* out_image = dst + b * n * channels;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t offset = i * channels + c0;
+          for (int64_t c = 0; c < width; ++c) {
+            out_image[offset + c] =
+                static_cast<scalar_t>(grads[c](static_cast<acc_t>(image[offset + c])));
+          }
+        }
+      });
+}
+
+void forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_cpu",
+                                  [&] {
+                                    if (layout == StylePoolLayout::kContiguous) {
+                                      contiguous_forward<scalar_t>(x, out);
+                                    } else {
+                                      channels_last_forward<scalar_t>(x, out);
+                                    }
+                                  });
+}
+
+void backward_kernel(const at::Tensor& grad, const at::Tensor& x, StylePoolLayout layout,
+                     at::Tensor& dx) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_backward_cpu", [&] {
+        if (layout == StylePoolLayout::kContiguous) {
+          contiguous_backward<scalar_t>(grad, x, dx);
+        } else {
+          channels_last_backward<scalar_t>(grad, x, dx);
+        }
+      });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
+  m.impl("style_pool", [](const at::Tensor& x) { return style_pool_forward(x, forward_kernel); });
+  m.impl("style_pool_backward", [](const at::Tensor& grad, const at::Tensor& x) {
+    return style_pool_backward(grad, x, backward_kernel);
+  });
+}
+
+}  // namespace fusedset

@@ -1,0 +1,10 @@
+#pragma once
+#include "ops/style_pool.h"
+
+namespace fusedset::cuda {
+
+void style_pool_forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out);
+void style_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
+                                StylePoolLayout layout, at::Tensor& dx);
+
+}  // namespace fusedset::cuda

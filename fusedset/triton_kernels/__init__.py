@@ -1,0 +1,9 @@
+"""Triton kernels, one module per op, each registered with the compile check.
+
+Importing this package does not import triton: the kernel modules do, and only the CUDA
+dispatch path, the interpreter tests and ``python -m fusedset.tools.compile_check`` load them.
+"""
+
+from fusedset.triton_kernels.registry import REGISTRY, CompileVariant, compile_checked
+
+__all__ = ["REGISTRY", "CompileVariant", "compile_checked"]

@@ -1,0 +1,35 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+# Relative error allowed for a kernel against the float64 truth, by input dtype.
+RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |actual - expected| relative to the largest |expected| (NaNs must coincide)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a = actual.double()
+    e = expected.double()
+    nan_a, nan_e = a.isnan(), e.isnan()
+    assert torch.equal(nan_a, nan_e), f"NaN at {nan_a.nonzero()[:5].tolist()} vs {nan_e.nonzero()[:5].tolist()}"
+    a, e = a[~nan_e], e[~nan_e]
+    if e.numel() == 0:
+        return 0.0
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    err = max_rel_error(actual, expected)
+    assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"

@@ -1,0 +1,228 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedset
+from fusedset import reference
+from fusedset.ops import style_pool
+
+from .helpers import DEVICES, RTOL, assert_rel_close, max_rel_error
+
+IRESNET_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14), (2, 512, 7, 7)]
+ODD_SHAPES = [(3, 5, 1, 1), (3, 5, 1, 2), (2, 7, 3, 1), (2, 9, 7, 7), (1, 6, 97, 1), (5, 65, 3, 3)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def kernel(x: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel itself: never the reference, whatever the dispatch would pick."""
+    return torch.ops.fusedset.style_pool.default(x)
+
+
+def feature_maps(shape, dtype, layout, device="cpu") -> torch.Tensor:
+    """Per-channel offsets and scales, so means are O(1) and relative errors mean something."""
+    b, c, h, w = shape
+    offset = torch.empty(1, c, 1, 1).uniform_(-2, 2)
+    scale = torch.empty(1, c, 1, 1).uniform_(0.5, 2)
+    x = (torch.randn(shape) * scale + offset).to(device=device, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def truth(x: torch.Tensor) -> torch.Tensor:
+    return reference.style_pool(x.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", IRESNET_SHAPES + ODD_SHAPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_forward_matches_reference(shape, dtype, layout, device):
+    x = feature_maps(shape, dtype, layout, device)
+    out = kernel(x)
+    assert out.shape == (shape[0], shape[1], 2)
+    assert out.dtype == dtype
+    assert out.is_contiguous()
+    expected = truth(x)
+    if shape[2] * shape[3] == 1:
+        assert out[..., 1].isnan().all()
+    assert_rel_close(out, expected, RTOL[dtype])
+    # Same-dtype eager torch, what CAFace's backbone computes, agrees within the dtype tolerance.
+    assert_rel_close(out, reference.style_pool(x), RTOL[dtype] if dtype != torch.float64 else 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 128, 28, 28), (2, 512, 7, 7), *ODD_SHAPES])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_backward_matches_reference(shape, dtype, layout, device):
+    x = feature_maps(shape, dtype, layout, device).requires_grad_()
+    grad = torch.randn(shape[0], shape[1], 2, device=device, dtype=dtype)
+    (dx,) = torch.autograd.grad(kernel(x), x, grad)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert dx.dtype == dtype
+    assert dx.stride() == x.stride()
+    assert_rel_close(dx, expected, RTOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 70, 2, 3), (2, 2, 1, 2)])
+def test_gradcheck_float64(shape, layout, device):
+    x = feature_maps(shape, torch.float64, layout, device).requires_grad_()
+    assert torch.autograd.gradcheck(kernel, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_constant_rows_get_torchs_gradient(device, layout):
+    """torch masks the std term where std == 0; an unused std (zero grad) adds nothing."""
+    x = feature_maps((2, 3, 4, 4), torch.float32, layout, device)
+    x[1, 2] = 7.0
+    x.requires_grad_()
+    grad = torch.randn(2, 3, 2, device=device)
+    (dx,) = torch.autograd.grad(kernel(x), x, grad)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert torch.isfinite(dx).all()
+    assert_rel_close(dx, expected, 1e-5)
+    (dx_mean_only,) = torch.autograd.grad(kernel(x)[..., 0].sum(), x)
+    torch.testing.assert_close(dx_mean_only, torch.full_like(x, 1 / 16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stable_where_sum_of_squares_cancels(device, layout):
+    x = feature_maps((4, 64, 28, 28), torch.float32, "contiguous") * 0 + 1e4
+    x = (x + torch.randn_like(x)).to(device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    expected = truth(x)
+    out = kernel(x)
+    std_err = ((out[..., 1].double() - expected[..., 1]).abs() / expected[..., 1]).max().item()
+    assert std_err < 1e-5
+    # The one-pass formula this guards against is far off on the same data.
+    n = 28 * 28
+    s, s2 = x.sum((2, 3)), (x * x).sum((2, 3))
+    naive_std = ((s2 - s * s / n) / (n - 1)).clamp_min(0).sqrt()
+    assert ((naive_std.double() - expected[..., 1]).abs() / expected[..., 1]).max() > 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_stays_in_its_channel(device, layout):
+    x = feature_maps((2, 70, 5, 5), torch.float32, layout, device)
+    x[1, 33, 2, 4] = float("nan")
+    out = kernel(x)
+    nan = out.isnan()
+    assert nan[1, 33].all()
+    assert nan.sum() == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4)])
+def test_empty_inputs_follow_torch(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    out = kernel(x)
+    expected = reference.style_pool(x.detach())
+    assert out.shape == expected.shape
+    assert torch.equal(out.isnan(), expected.isnan())
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_strides_are_read_correctly(device):
+    base = feature_maps((3, 8, 10, 12), torch.float32, "contiguous", device)
+    for x in (base.transpose(2, 3), base[:, ::2], base.permute(1, 0, 2, 3)):
+        x = x.detach().requires_grad_()
+        out = kernel(x)
+        assert_rel_close(out, truth(x), 1e-5)
+        grad = torch.randn_like(out)
+        (dx,) = torch.autograd.grad(out, x, grad)
+        x64 = x.detach().double().requires_grad_()
+        (expected,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+        assert_rel_close(dx, expected, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(device, layout):
+    x = feature_maps((2, 5, 3, 4), torch.float32, layout, device).requires_grad_()
+    torch.library.opcheck(torch.ops.fusedset.style_pool.default, (x,))
+    grad = torch.randn(2, 5, 2, device=device)
+    torch.library.opcheck(torch.ops.fusedset.style_pool_backward.default, (grad, x.detach()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def pooled_energy(x):
+        return style_pool(torch.relu(x)).square().sum()
+
+    compiled = torch.compile(pooled_energy, fullgraph=True, backend="aot_eager")
+    x = feature_maps((2, 16, 7, 7), torch.float32, "contiguous", device).requires_grad_()
+    value = compiled(x)
+    (dx,) = torch.autograd.grad(value, x)
+    x_ref = x.detach().requires_grad_()
+    expected = reference.style_pool(torch.relu(x_ref)).square().sum()
+    (dx_ref,) = torch.autograd.grad(expected, x_ref)
+    assert_rel_close(value.detach(), expected.detach(), 1e-5)
+    assert_rel_close(dx, dx_ref, 1e-5)
+
+
+def test_public_op_runs_the_kernel_and_the_switch_runs_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "style_pool", lambda x: calls.append(x) or torch.zeros(1))
+    x = torch.randn(2, 3, 4, 4)
+    assert style_pool(x).shape == (2, 3, 2)
+    assert calls == []
+    with fusedset.force_reference():
+        style_pool(x)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "pattern"),
+    [
+        (torch.randn(3, 4, 5), ValueError, r"style_pool: x must have 4 dimensions \(B, C, H, W\), got shape \(3, 4, 5\)"),
+        (torch.randn(1, 2, 3, 4, 5), ValueError, r"x must have 4 dimensions.*got shape \(1, 2, 3, 4, 5\)"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.int64), TypeError, r"style_pool: x must have dtype float16, bfloat16, float32, float64, got torch.int64"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.bool), TypeError, r"x must have dtype .* got torch.bool"),
+        (torch.randn(2, 3, 4, 4, dtype=torch.complex64, requires_grad=True), TypeError, r"x must have dtype .* got torch.complex64"),
+        ([[1.0]], TypeError, r"style_pool: x must be a torch.Tensor of shape \(B, C, H, W\), got list"),
+    ],
+)
+def test_bad_inputs_name_the_argument(value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        style_pool(value)
+
+
+def test_reference_fallback_when_extension_is_missing():
+    code = """
+import sys, warnings
+sys.modules["fusedset._C"] = None  # what a never-built source checkout looks like
+import torch, fusedset
+from fusedset import reference
+assert fusedset.backends()["cpp_cpu"] is False
+x = torch.randn(2, 3, 4, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    a = fusedset.ops.style_pool(x)
+    b = fusedset.ops.style_pool(x)
+messages = [str(w.message) for w in caught]
+assert len(messages) == 1, messages
+assert "pip install --no-build-isolation" in messages[0], messages
+assert torch.equal(a, reference.style_pool(x)) and torch.equal(a, b)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_max_rel_error_sees_a_wrong_answer():
+    expected = torch.tensor([1.0, 2.0, 4.0])
+    assert max_rel_error(expected * (1 + 1e-3), expected) > RTOL[torch.float32]

@@ -54,7 +54,7 @@ def _find_cuda_home() -> str | None:
 
 
 def _nvidia_wheel_includes() -> list[str]:
-    """Include folders of the nvidia-* wheels: torch's CUDA headers include cusparse.h and friends."""
+    """Include folders of the nvidia-* wheels: torch's CUDA headers include cusparse.h etc."""
     try:
         import nvidia
     except ImportError:

@@ -40,7 +40,9 @@ def has_kernel(op: str, device_type: str) -> bool:
     if not extension_loaded():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedset::{op}", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fusedset::{op}", key
+    )
 
 
 def triton_importable() -> bool:

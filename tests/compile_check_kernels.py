@@ -14,7 +14,10 @@ SIGNATURE = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
 
 @compile_checked(CompileVariant("fp32", SIGNATURE))
 @triton.autotune(
-    configs=[triton.Config({"BLOCK": 256}, num_warps=4), triton.Config({"BLOCK": 1024}, num_warps=8)],
+    configs=[
+        triton.Config({"BLOCK": 256}, num_warps=4),
+        triton.Config({"BLOCK": 1024}, num_warps=8),
+    ],
     key=["n"],
 )
 @triton.jit
@@ -26,7 +29,9 @@ def scale_clean(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 # 16384 fp32 values held live across a reduction by a single warp: 512 per thread, more than
 # the 255 registers a thread can have, so ptxas must spill.
-@compile_checked(CompileVariant("fp32", SIGNATURE, constexprs={"BLOCK": 16384}, options={"num_warps": 1}))
+@compile_checked(
+    CompileVariant("fp32", SIGNATURE, constexprs={"BLOCK": 16384}, options={"num_warps": 1})
+)
 @triton.jit
 def spill_on_purpose(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)

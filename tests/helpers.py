@@ -23,7 +23,9 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a = actual.double()
     e = expected.double()
     nan_a, nan_e = a.isnan(), e.isnan()
-    assert torch.equal(nan_a, nan_e), f"NaN at {nan_a.nonzero()[:5].tolist()} vs {nan_e.nonzero()[:5].tolist()}"
+    assert torch.equal(nan_a, nan_e), (
+        f"NaN at {nan_a.nonzero()[:5].tolist()} vs {nan_e.nonzero()[:5].tolist()}"
+    )
     a, e = a[~nan_e], e[~nan_e]
     if e.numel() == 0:
         return 0.0

@@ -27,7 +27,9 @@ def check_tensor(
     ``dims`` names the expected axes, e.g. "B, C, H, W", and appears in the error.
     """
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor of shape ({dims}), got {type(value).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be a torch.Tensor of shape ({dims}), got {type(value).__name__}"
+        )
     rank = len(dims.split(","))
     if value.dim() != rank:
         raise ValueError(

@@ -44,6 +44,4 @@ if _dispatch.extension_loaded():
         (x,) = ctx.saved_tensors
         return torch.ops.fusedset.style_pool_backward.default(grad, x)
 
-    torch.library.register_autograd(
-        "fusedset::style_pool", _backward, setup_context=_setup_context
-    )
+    torch.library.register_autograd("fusedset::style_pool", _backward, setup_context=_setup_context)

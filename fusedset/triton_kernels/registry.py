@@ -42,7 +42,7 @@ def compile_checked(*variants: CompileVariant) -> Callable[[K], K]:
         raise ValueError("compile_checked needs at least one CompileVariant")
 
     def register(kernel: K) -> K:
-        name = getattr(kernel, "__name__", None) or getattr(kernel, "fn").__name__
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
         REGISTRY.append(RegisteredKernel(name=name, kernel=kernel, variants=tuple(variants)))
         return kernel
 

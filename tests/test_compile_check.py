@@ -64,3 +64,16 @@ def test_refuses_to_run_under_the_interpreter():
     )
     assert result.returncode == 2
     assert "unset TRITON_INTERPRET" in result.stdout
+
+
+def test_cuda_cpp_kernels_of_the_extension_are_listed():
+    import fusedset
+
+    if not fusedset.backends()["cuda_kernels"]:
+        pytest.skip("fusedset._C was built without CUDA kernels")
+    result = compile_check("--arch", "80", "90")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if "CUDA C++" in line]
+    kernels = {(row[0], row[-5]) for row in rows}
+    for kernel in ("style_pool_contiguous_kernel", "style_pool_channels_last_kernel"):
+        assert {(kernel, "sm_80"), (kernel, "sm_90")} <= kernels

@@ -86,6 +86,16 @@ def select_core_template(
     return CoreTemplate(torch.stack(rows, dim=1), torch.stack(indices, dim=1))
 
 
+def embedding_size(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The feature width C of a released TemplateAggregateModel state dict."""
+    if "pos_trans_norm.weight" not in state_dict:
+        raise ValueError(
+            "cannot infer the FaceCoresetNet width: the state dict has no key "
+            "'pos_trans_norm.weight'"
+        )
+    return state_dict["pos_trans_norm.weight"].shape[0]
+
+
 class DecoderLayer(nn.Module):
     """The released `TransformerDecoderLayerOrig` layout. Its forward pass uses self_attn1,
     multihead_attn1, norm1 and norm2; self_attn2, multihead_attn2/3 and norm3/4 are kept only so
@@ -133,12 +143,7 @@ class FaceCoresetNetReference(nn.Module):
     ) -> FaceCoresetNetReference:
         """Released keys, width inferred, strict load, eval mode. The number of heads is not
         visible in any shape (released: 8); K is not stored (released default: 3)."""
-        if "pos_trans_norm.weight" not in state_dict:
-            raise ValueError(
-                "cannot infer the FaceCoresetNet width: the state dict has no key "
-                "'pos_trans_norm.weight'"
-            )
-        model = cls(state_dict["pos_trans_norm.weight"].shape[0], num_heads, coreset_size)
+        model = cls(embedding_size(state_dict), num_heads, coreset_size)
         model.load_state_dict(state_dict)
         return model.eval()
 

@@ -1,0 +1,21 @@
+"""Modules users import: checkpoint loading for the released CAFace and FaceCoresetNet."""
+
+from fusedset.nn.checkpoints import (
+    CheckpointKeyError,
+    caface_state_dict,
+    facecoresetnet_state_dict,
+    load_caface_reference,
+    load_checked,
+    load_facecoresetnet_reference,
+    read_state_dict,
+)
+
+__all__ = [
+    "CheckpointKeyError",
+    "caface_state_dict",
+    "facecoresetnet_state_dict",
+    "load_caface_reference",
+    "load_checked",
+    "load_facecoresetnet_reference",
+    "read_state_dict",
+]

@@ -1,4 +1,5 @@
-"""Modules users import: checkpoint loading for the released CAFace and FaceCoresetNet."""
+"""The layers users import, and the loading of the released CAFace and FaceCoresetNet
+checkpoints."""
 
 from fusedset.nn.checkpoints import (
     CheckpointKeyError,

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from fusedset.reference.caface import CAFaceConfig, CAFaceReference
-from fusedset.reference.facecoresetnet import FaceCoresetNetReference, embedding_size
+from fusedset.reference.facecoresetnet import (
+    FaceCoresetNetReference,
+    infer_embedding_size,
+)
 
 CheckpointSource: TypeAlias = str | os.PathLike[str] | Mapping[str, Any]
 
@@ -100,6 +103,6 @@ def load_facecoresetnet_reference(
 ) -> FaceCoresetNetReference:
     """The eager FaceCoresetNet reference in eval mode, width inferred from the keys."""
     state_dict = facecoresetnet_state_dict(source)
-    model = FaceCoresetNetReference(embedding_size(state_dict), num_heads, coreset_size)
+    model = FaceCoresetNetReference(infer_embedding_size(state_dict), num_heads, coreset_size)
     load_checked(model, state_dict, "released FaceCoresetNet")
     return model.eval()

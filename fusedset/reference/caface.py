@@ -292,8 +292,9 @@ class ClusterAggregateNet(nn.Module):
 
 
 class CAFaceReference(nn.Module):
-    """The released StyleBasedAggregator in eval mode (train mode runs its BatchNorms in batch
-    statistics, as released)."""
+    """The released StyleBasedAggregator. Eval mode is exact. Train mode runs the BatchNorms on
+    batch statistics, as released, but leaves out the released stochastic depth (drop_path up to
+    0.1 in the CN blocks), so that a training step is deterministic and comparable."""
 
     def __init__(self, config: CAFaceConfig | None = None) -> None:
         super().__init__()

@@ -86,7 +86,7 @@ def select_core_template(
     return CoreTemplate(torch.stack(rows, dim=1), torch.stack(indices, dim=1))
 
 
-def embedding_size(state_dict: Mapping[str, torch.Tensor]) -> int:
+def infer_embedding_size(state_dict: Mapping[str, torch.Tensor]) -> int:
     """The feature width C of a released TemplateAggregateModel state dict."""
     if "pos_trans_norm.weight" not in state_dict:
         raise ValueError(
@@ -121,19 +121,28 @@ class DecoderLayer(nn.Module):
 
 
 class FaceCoresetNetReference(nn.Module):
-    """The released TemplateAggregateModel; selection as in `select_core_template`."""
+    """The released TemplateAggregateModel; selection as in `select_core_template`. `dropout`
+    (released: 0.1, in the attentions and after them) acts in train mode only; 0 makes training
+    steps deterministic given the selection noise."""
 
-    def __init__(self, embedding_size: int = 512, num_heads: int = 8, coreset_size: int = 3):
+    def __init__(
+        self,
+        embedding_size: int = 512,
+        num_heads: int = 8,
+        coreset_size: int = 3,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.embedding_size = embedding_size
         self.coreset_size = coreset_size
         self.gamma = nn.Parameter(torch.tensor(0.01))
-        # Read by no forward pass of the released model; kept for the released state dict.
+        # tau, feature_norm_normalizer, ur_center, dist_from_ur_center_norm_size_balance and
+        # quality_measure: read by no forward pass of the released model, kept for its state dict.
         self.tau = nn.Parameter(torch.tensor(0.0))
         self.feature_norm_normalizer = nn.Parameter(torch.logit(torch.tensor(1 / 20)))
         self.ur_center = nn.Parameter(torch.zeros(embedding_size))
         self.dist_from_ur_center_norm_size_balance = nn.Parameter(torch.logit(torch.tensor(0.2)))
-        self.decoder_layer1 = DecoderLayer(embedding_size, num_heads)
+        self.decoder_layer1 = DecoderLayer(embedding_size, num_heads, dropout)
         self.pos_trans_norm = nn.LayerNorm(embedding_size)
         self.quality_measure = nn.Linear(embedding_size, 1)
 
@@ -143,7 +152,7 @@ class FaceCoresetNetReference(nn.Module):
     ) -> FaceCoresetNetReference:
         """Released keys, width inferred, strict load, eval mode. The number of heads is not
         visible in any shape (released: 8); K is not stored (released default: 3)."""
-        model = cls(embedding_size(state_dict), num_heads, coreset_size)
+        model = cls(infer_embedding_size(state_dict), num_heads, coreset_size)
         model.load_state_dict(state_dict)
         return model.eval()
 

@@ -1,5 +1,7 @@
 """Eager PyTorch implementations of every op: simple, slow, and the oracle for kernel tests."""
 
+from fusedset.reference.caface import CAFaceConfig, CAFaceReference
+from fusedset.reference.facecoresetnet import FaceCoresetNetReference
 from fusedset.reference.style_pool import style_pool
 
-__all__ = ["style_pool"]
+__all__ = ["CAFaceConfig", "CAFaceReference", "FaceCoresetNetReference", "style_pool"]

@@ -155,26 +155,24 @@ def _add_probe(
     glimpse = 0
     if rng.random() < cfg.glimpse_prob:
         glimpse = min(int(rng.integers(cfg.glimpse_length[0], cfg.glimpse_length[1] + 1)), frames)
-    lengths = _shot_lengths(rng, frames - glimpse, cfg.shot_length_mean) if frames > glimpse else []
+    lengths = np.zeros(0, dtype=np.int64)
+    if frames > glimpse:
+        lengths = _shot_lengths(rng, frames - glimpse, cfg.shot_length_mean)
     n = len(lengths)
-    kind = rng.choice(
-        3,
-        size=n,
-        p=[
-            1 - cfg.other_identity_rate - cfg.non_face_rate,
-            cfg.other_identity_rate,
-            cfg.non_face_rate,
-        ],
-    )
+    # With a single identity there is nobody else to switch to.
+    rates = [cfg.other_identity_rate if identities > 1 else 0.0, cfg.non_face_rate]
+    kind = rng.choice(3, size=n, p=[1 - sum(rates), *rates])
     quality = np.where(
         kind == FACE,
         rng.beta(*cfg.shot_quality_beta, size=n),
         rng.uniform(*cfg.distractor_quality, size=n),
     )
     target = np.full(n, identity)
-    target[kind == OTHER_IDENTITY] = (
-        identity + rng.integers(1, identities, size=int((kind == OTHER_IDENTITY).sum()))
-    ) % identities
+    switched = kind == OTHER_IDENTITY
+    if switched.any():
+        target[switched] = (
+            identity + rng.integers(1, identities, size=switched.sum())
+        ) % identities
     target[kind == NON_FACE] = -1
     if glimpse:
         at = int(rng.integers(0, n + 1))

@@ -68,9 +68,13 @@ def test_norm_direction_and_style_follow_quality():
 
 def test_probe_of_tens_of_thousands_of_frames():
     config = replace(
-        TINY, enrolled=1, unenrolled=0, frames_median=20000, frames_sigma=0.0,
+        TINY,
+        enrolled=1,
+        unenrolled=0,
+        frames_median=20000,
+        frames_sigma=0.0,
         frames_range=(4, 20000),
-    )  # fmt: skip
+    )
     bench = generate(config, seed=0)
     probe = bench.meta.probes[0, 0]
     assert (bench.meta.templates == probe).sum() == 20000

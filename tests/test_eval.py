@@ -215,16 +215,17 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     in_memory = evaluate(bench.meta, bench.features, bench.style, ["mean"])[0]
     assert results[0]["tar_at_far"]["0.01"] == in_memory.tar[1e-2]
 
+    np.save(tmp_path / "short.npy", np.load(features)[:-1])
+    short = ["eval", "--meta", str(out / "meta"), "--features", str(tmp_path / "short.npy")]
+    assert main(short) == 2
+    assert "the features have" in capsys.readouterr().err
+
     (out / "meta" / "synth_template_pair_label.txt").unlink()
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"meta file not found: {out / 'meta' / 'synth_template_pair_label.txt'}" in err
 
-    assert (
-        main(
-            ["eval", "--meta", str(out / "meta"), "--features", str(features), "--method", "caface"]
-        )
-        == 2
-    )
+    argv = ["eval", "--meta", str(out / "meta"), "--features", str(features), "--method", "caface"]
+    assert main(argv) == 2
     assert "unknown method 'caface'" in capsys.readouterr().err

@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         nargs="+",
-        default=method_names(),
         metavar="NAME",
-        help=f"fusion methods (default: all registered: {' '.join(method_names())})",
+        help=f"fusion methods among {' '.join(method_names())} (default: every registered "
+        "method, except those that need a checkpoint when --checkpoint is not given)",
     )
     parser.add_argument("--checkpoint", help="weights for learned methods")
     parser.add_argument("--out", type=Path, help="write results.json and roc.png here")
@@ -54,9 +54,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fusedset.data import MetaFileError, read_features, read_meta
-    from fusedset.eval.fusion import method_names
+    from fusedset.eval.fusion import get_method, method_names
 
-    unknown = [m for m in args.method if m not in method_names()]
+    methods = args.method or [
+        m for m in method_names() if args.checkpoint or not get_method(m).needs_checkpoint
+    ]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r}; known: {' '.join(method_names())}")
     if args.threads < 1:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         meta = read_meta(args.meta)
         features, style = read_features(args.features)
-        results = evaluate(meta, features, style, args.method, checkpoint=args.checkpoint)
+        results = evaluate(meta, features, style, methods, checkpoint=args.checkpoint)
     except (MetaFileError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     print(format_table(results))

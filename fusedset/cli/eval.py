@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="1:1 TAR@FAR and 1:N rank / TPIR of fusion methods on IJB-layout data",
         description="Fuse every template with each method, then print 1:1 verification TAR "
         "at FAR 1e-5..1e-1 and, when the meta directory has 1:N lists, rank-1, rank-5 and "
-        "TPIR at FPIR 1%%. With --out, also write results.json and roc.png.",
+        "TPIR at FPIR 1%. With --out, also write results.json and roc.png.",
     )
     parser.add_argument(
         "--meta", type=Path, required=True, help="directory of the *_face_tid_mid.txt etc."

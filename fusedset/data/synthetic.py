@@ -32,7 +32,8 @@ class SynthConfig:
     Protocol:
         enrolled: identities with a gallery template (split alternately into galleries G1, G2)
             and one probe template each.
-        unenrolled: identities with a probe only: 1:N open-set probes, 1:1 impostors.
+        unenrolled: identities with a probe only: 1:N open-set probes, 1:1 impostors (at
+            least 100 so that FPIR 1% admits one false alarm).
         dim: embedding dimension. style_channels: channels of the style statistics.
     Gallery:
         gallery_images: images per gallery template (inclusive range), each its own media.
@@ -64,7 +65,7 @@ class SynthConfig:
     """
 
     enrolled: int = 300
-    unenrolled: int = 60
+    unenrolled: int = 100
     dim: int = 512
     style_channels: int = 384
     gallery_images: tuple[int, int] = (1, 5)

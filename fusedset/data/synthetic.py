@@ -128,6 +128,7 @@ class _Shots:
 
 
 def _shot_lengths(rng: np.random.Generator, frames: int, mean: float) -> np.ndarray:
+    """Geometric shot lengths of the given mean, the last one cut so they sum to ``frames``."""
     lengths = rng.geometric(1.0 / mean, size=int(2 * frames / mean) + 4)
     while lengths.sum() < frames:
         lengths = np.concatenate([lengths, rng.geometric(1.0 / mean, size=len(lengths))])
@@ -209,8 +210,11 @@ def generate(config: SynthConfig | None = None, seed: int = 0) -> SynthBenchmark
     identities = cfg.enrolled + cfg.unenrolled
     centers = _unit(rng.standard_normal((identities, cfg.dim)))
     non_face_center = _unit(rng.standard_normal(cfg.dim))
-    style_mean = rng.uniform(0.2, 1.0, cfg.style_channels)
-    style_std = rng.uniform(0.5, 1.5, cfg.style_channels)
+    # Per channel, the spatial [mean, std] of a sharp, well-lit image.
+    clean_style = np.stack(
+        [rng.uniform(0.2, 1.0, cfg.style_channels), rng.uniform(0.5, 1.5, cfg.style_channels)],
+        axis=-1,
+    ).astype(np.float32)
 
     shots = _Shots()
     media = 1
@@ -255,17 +259,12 @@ def generate(config: SynthConfig | None = None, seed: int = 0) -> SynthBenchmark
     features = (direction * norm[:, None]).astype(np.float32)
 
     blur_share = rng.uniform(size=len(s["length"]))[shot_of]
-    dark = (1 - quality) * (1 - blur_share)
-    blur = (1 - quality) * blur_share
-    jitter = 1 + cfg.style_noise * rng.standard_normal((n, cfg.style_channels, 2))
-    style = np.stack(
-        [
-            style_mean * (1 - cfg.dark_strength * dark)[:, None],
-            style_std * (1 - cfg.blur_strength * blur)[:, None],
-        ],
-        axis=-1,
+    loss = (
+        np.stack([cfg.dark_strength * (1 - blur_share), cfg.blur_strength * blur_share], axis=-1)
+        * (1 - quality)[:, None]
     )
-    style = (style * jitter).astype(np.float32)
+    jitter = rng.standard_normal((n, cfg.style_channels, 2), dtype=np.float32)
+    style = clean_style * (1 - loss[:, None, :].astype(np.float32)) * (1 + cfg.style_noise * jitter)
 
     # Subject ids are identity + 1 (gallery template ids happen to coincide with them).
     gallery = np.stack([gallery_templates, gallery_templates], axis=1)

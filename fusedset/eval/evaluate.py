@@ -150,7 +150,7 @@ def evaluate(
         results.append(
             MethodResult(
                 method=method.name,
-                tar=metrics.tar_at_far(labels, scores),
+                tar=metrics.tar_from_roc(fpr, tpr),
                 identification=ident,
                 fpr=fpr,
                 tpr=tpr,

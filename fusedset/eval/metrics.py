@@ -31,7 +31,13 @@ def tar_at_far(
     labels: np.ndarray, scores: np.ndarray, fars: Sequence[float] = FARS
 ) -> dict[float, float]:
     """TAR at each FAR: the largest TPR among thresholds with FPR <= FAR."""
-    fpr, tpr = roc(labels, scores)
+    return tar_from_roc(*roc(labels, scores), fars)
+
+
+def tar_from_roc(
+    fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float] = FARS
+) -> dict[float, float]:
+    """``tar_at_far`` of an ROC already computed by ``roc``."""
     # fpr starts at 0 and tpr is non-decreasing, so the last point with fpr <= far is the answer.
     last = np.searchsorted(fpr, np.asarray(fars, dtype=np.float64), side="right") - 1
     return {far: float(tpr[i]) for far, i in zip(fars, last, strict=True)}

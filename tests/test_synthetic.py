@@ -164,13 +164,17 @@ def test_missing_meta_file_is_named(tmp_path, remove, message):
     assert message.format(dir=tmp_path) in str(info.value)
 
 
-def test_malformed_lines_are_named(tmp_path):
+def test_malformed_files_are_named(tmp_path):
     _write_minimal(tmp_path)
-    (tmp_path / "x_template_pair_label.txt").write_text("1 1 1\n1 1\n")
-    with pytest.raises(MetaFileError, match=r"x_template_pair_label.txt:2: expected 3 columns"):
+    pairs = tmp_path / "x_template_pair_label.txt"
+    pairs.write_text("1 1 1\n1 1\n")
+    with pytest.raises(MetaFileError, match=r"x_template_pair_label.txt: .*at row 2"):
         read_meta(tmp_path)
-    (tmp_path / "x_template_pair_label.txt").write_text("1 one 1\n")
-    with pytest.raises(MetaFileError, match=r"x_template_pair_label.txt: invalid literal"):
+    pairs.write_text("1 one 1\n")
+    with pytest.raises(MetaFileError, match=r"x_template_pair_label.txt: could not convert"):
+        read_meta(tmp_path)
+    pairs.write_text("")
+    with pytest.raises(MetaFileError, match=r"x_template_pair_label.txt: no rows"):
         read_meta(tmp_path)
     with pytest.raises(MetaFileError, match="feature file not found"):
         read_features(tmp_path / "missing.npy")

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_curve
 from fusedset.cli import main
 from fusedset.data.synthetic import SynthConfig, generate
 from fusedset.eval import fusion, metrics, selection
-from fusedset.eval.evaluate import evaluate, format_table
+from fusedset.eval.evaluate import evaluate, format_table, pair_scores
 from fusedset.eval.fusion import Method, Template
 
 BASELINES = ["mean", "media-mean", "norm-mean", "core-mean"]
@@ -95,6 +95,14 @@ def test_identification_matches_brute_force():
         if (non_mated_top >= t).sum() <= 0.05 * 60:
             best_tpir = max(best_tpir, (mated_top >= t).sum() / 40)
     assert got.tpir == pytest.approx(best_tpir)
+
+
+def test_pair_scores_in_blocks():
+    rng = np.random.default_rng(2)
+    descriptors = rng.normal(size=(30, 4))
+    first, second = rng.integers(0, 30, 200), rng.integers(0, 30, 200)
+    expected = (descriptors[first] * descriptors[second]).sum(axis=1)
+    np.testing.assert_allclose(pair_scores(descriptors, first, second, block=7), expected)
 
 
 def test_closed_set_has_no_tpir():

@@ -73,7 +73,9 @@ def test_identification_matches_brute_force():
     probes = unit(
         rng.normal(size=(100, 8)) + 1.5 * np.r_[gallery[probe_subjects[:40] - 1], np.zeros((60, 8))]
     )
-    got = metrics.identification(probes, probe_subjects, gallery, gallery_subjects, fpir=0.05)
+    got = metrics.identification(
+        probes, probe_subjects, gallery, gallery_subjects, fpir=0.05, chunk=32
+    )
 
     similarity = probes @ gallery.T
     ranks, top, correct = [], [], []

@@ -71,6 +71,7 @@ def identification(
     gallery_subjects: np.ndarray,
     ranks: Sequence[int] = (1, 5),
     fpir: float = 0.01,
+    chunk: int = 2048,
 ) -> Identification:
     """Closed-set ranks and open-set TPIR at FPIR.
 
@@ -79,18 +80,26 @@ def identification(
     Args:
         probes: (Q, D) unit descriptors. probe_subjects: (Q,) their subject ids.
         gallery: (G, D) unit descriptors. gallery_subjects: (G,) their subject ids.
+        chunk: probes scored at a time (bounds memory).
     """
     subjects, column = np.unique(gallery_subjects, return_inverse=True)
-    similarity = probes @ gallery.T
-    by_subject = np.full((len(probes), len(subjects)), -np.inf, dtype=similarity.dtype)
-    np.maximum.at(by_subject, (slice(None), column), similarity)
     mated = np.isin(probe_subjects, subjects)
     if not mated.any():
         raise ValueError("no probe subject is enrolled in the gallery")
-    true_column = np.searchsorted(subjects, probe_subjects[mated])
-    true_score = by_subject[mated, true_column]
-    rank = 1 + (by_subject[mated] > true_score[:, None]).sum(axis=1)
-    top = by_subject.max(axis=1)
+    # Non-mated probes get some column too; their rank is discarded.
+    true_column = np.searchsorted(subjects, probe_subjects).clip(max=len(subjects) - 1)
+    rank = np.empty(len(probes), dtype=np.int64)
+    top = np.empty(len(probes))
+    # Probes in chunks: IJB-C's 19.5k x 3.5k score matrix, twice, would take over 1 GB.
+    for start in range(0, len(probes), chunk):
+        end = min(start + chunk, len(probes))
+        similarity = probes[start:end] @ gallery.T
+        by_subject = np.full((end - start, len(subjects)), -np.inf)
+        np.maximum.at(by_subject, (slice(None), column), similarity)
+        true_score = by_subject[np.arange(end - start), true_column[start:end]]
+        rank[start:end] = 1 + (by_subject > true_score[:, None]).sum(axis=1)
+        top[start:end] = by_subject.max(axis=1)
+    rank = rank[mated]
     tpir = None
     if (~mated).any():
         hit = rank == 1

@@ -1,0 +1,203 @@
+"""Fuse every template of a per-image feature file into one L2-normalized descriptor.
+
+Inputs (``read_images``):
+
+- ``.npy`` features (N, D), memory-mapped, with the template ids from ``--templates``: a
+  ``.npy`` of N ids, or of (N, 2) template and media ids, or an IJB ``*_face_tid_mid.txt``;
+  style statistics (N, C, 2) from ``--style`` or ``{stem}_style.npy`` next to the features.
+- ``.npz`` or ``.safetensors`` holding ``features`` (N, D), ``templates`` (N,) and optionally
+  ``media`` (N,) and ``style`` (N, C, 2).
+
+A template's rows are read when it is fused, so with ``.npy`` input the memory is bounded by the
+largest template (by the ``chunk`` for methods that stream, such as CAFace), not by the file.
+Output (``write_descriptors``): ``.npz`` or ``.safetensors`` with ``templates`` (T,) and
+``descriptors`` (T, D) float32, written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusedset.data.ijb import style_path
+from fusedset.eval.fusion import Template, get_method
+
+OUTPUT_SUFFIXES = (".npz", ".safetensors")
+
+
+class FuseInputError(ValueError):
+    """An input file is missing, malformed or inconsistent; the message names the file."""
+
+
+@dataclass
+class ImageArrays:
+    """Per-image arrays; ``features`` and ``style`` may be memory-mapped."""
+
+    features: Any  # (N, D) array
+    templates: np.ndarray  # (N,) int64
+    media: np.ndarray  # (N,) int64
+    style: Any | None  # (N, C, 2) array or None
+    source: Path
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise FuseInputError(f"{path}: cannot read a .npy array ({exc})") from exc
+
+
+def _read_templates(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise FuseInputError(f"{path}: no such templates file")
+    if path.suffix == ".npy":
+        ids = np.asarray(_load_npy(path))
+    else:
+        try:
+            rows = np.loadtxt(path, dtype=str, ndmin=2)
+        except ValueError as exc:
+            raise FuseInputError(f"{path}: cannot read template ids ({exc})") from exc
+        # IJB `name template media` lines, or one template id per line
+        ids = rows[:, 1:3] if rows.shape[1] >= 3 else rows[:, :1]
+    try:
+        ids = ids.astype(np.int64)
+    except ValueError as exc:
+        raise FuseInputError(f"{path}: template ids must be integers ({exc})") from exc
+    if ids.ndim == 2 and ids.shape[1] == 1:
+        ids = ids[:, 0]
+    if ids.shape[0] != n or ids.ndim not in (1, 2) or (ids.ndim == 2 and ids.shape[1] != 2):
+        raise FuseInputError(
+            f"{path}: expected {n} template ids (one per feature row), or {n} rows of "
+            f"template and media id, got shape {ids.shape}"
+        )
+    return (ids, ids) if ids.ndim == 1 else (ids[:, 0], ids[:, 1])
+
+
+def _read_bundle(path: Path) -> dict[str, Any]:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as bundle:
+                return {k: bundle[k] for k in bundle.files}
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    except Exception as exc:  # any reader failure is a bad input file
+        raise FuseInputError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def read_images(
+    features: str | Path, templates: str | Path | None = None, style: str | Path | None = None
+) -> ImageArrays:
+    path = Path(features)
+    if not path.is_file():
+        raise FuseInputError(f"{path}: no such features file")
+    if path.suffix == ".npy":
+        feats = _load_npy(path)
+        if templates is None:
+            raise FuseInputError(f"{path}: a .npy feature file needs --templates")
+        template_ids, media = _read_templates(Path(templates), len(feats))
+        style_file = Path(style) if style is not None else style_path(path)
+        stats = _load_npy(style_file) if style_file.is_file() else None
+        if style is not None and stats is None:
+            raise FuseInputError(f"{style_file}: no such style file")
+        return _checked(ImageArrays(feats, template_ids, media, stats, path))
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise FuseInputError(f"{path}: features must be .npy, .npz or .safetensors")
+    bundle = _read_bundle(path)
+    missing = [k for k in ("features", "templates") if k not in bundle]
+    if missing:
+        raise FuseInputError(
+            f"{path}: missing array {missing[0]!r} (has {', '.join(sorted(bundle)) or 'none'})"
+        )
+    template_ids = np.asarray(bundle["templates"]).astype(np.int64)
+    media = np.asarray(bundle.get("media", template_ids)).astype(np.int64)
+    return _checked(ImageArrays(bundle["features"], template_ids, media, bundle.get("style"), path))
+
+
+def _checked(images: ImageArrays) -> ImageArrays:
+    path, n = images.source, len(images.templates)
+    if images.features.ndim != 2 or images.features.shape[0] == 0:
+        raise FuseInputError(
+            f"{path}: features must be (images, D) with at least one image, "
+            f"got shape {images.features.shape}"
+        )
+    for name, array in (("templates", images.templates), ("media", images.media)):
+        if array.shape != (images.features.shape[0],):
+            raise FuseInputError(
+                f"{path}: {name} must hold one id per feature row ({images.features.shape[0]}), "
+                f"got shape {array.shape}"
+            )
+    if images.style is not None and (
+        images.style.ndim != 3 or images.style.shape[0] != n or images.style.shape[2] != 2
+    ):
+        raise FuseInputError(
+            f"{path}: style must be (images, C, 2) with {n} rows, got shape {images.style.shape}"
+        )
+    return images
+
+
+def templates_of(images: ImageArrays) -> Iterator[tuple[int, np.ndarray]]:
+    """(template id, its row indices in file order), templates in increasing id order."""
+    order = np.argsort(images.templates, kind="stable")
+    ids, starts = np.unique(images.templates[order], return_index=True)
+    for i, template in enumerate(ids):
+        stop = starts[i + 1] if i + 1 < len(ids) else len(order)
+        yield int(template), np.sort(order[starts[i] : stop])
+
+
+def fuse_templates(
+    images: ImageArrays, method: str, checkpoint: str | None = None, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> template ids (T,) int64 and L2-normalized descriptors (T, D) float32."""
+    spec = get_method(method)
+    if spec.needs_style and images.style is None:
+        raise FuseInputError(f"{images.source}: method {method!r} needs style statistics")
+    fuser = spec.build(checkpoint)
+    groups = list(templates_of(images))
+    ids = np.empty(len(groups), dtype=np.int64)
+    descriptors = np.empty((len(groups), images.features.shape[1]), dtype=np.float32)
+    from tqdm import tqdm
+
+    for i, (template, rows) in enumerate(
+        tqdm(groups, unit="template", disable=not progress, dynamic_ncols=True)
+    ):
+        features = torch.from_numpy(np.asarray(images.features[rows], dtype=np.float32))
+        if not torch.isfinite(features).all():
+            raise FuseInputError(f"{images.source}: template {template} has NaN or Inf features")
+        style = None
+        if images.style is not None:
+            style = torch.from_numpy(np.asarray(images.style[rows], dtype=np.float32))
+        with torch.no_grad():
+            fused = fuser(Template(features, torch.from_numpy(images.media[rows]), style))
+        ids[i] = template
+        descriptors[i] = torch.nn.functional.normalize(fused.float(), dim=-1).numpy()
+    return ids, descriptors
+
+
+def write_descriptors(path: str | Path, templates: np.ndarray, descriptors: np.ndarray) -> Path:
+    """Writes atomically: a failure leaves no partial file at ``path``."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise FuseInputError(f"{path}: the output must be .npz or .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if path.suffix == ".npz":
+            np.savez(tmp, templates=templates, descriptors=descriptors)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"templates": templates, "descriptors": descriptors}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -137,6 +137,12 @@ def quality_fps_select(
     return rows
 
 
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x[b, indices[b, t]] as (B, T, C), zeros where the index is -1."""
+    picked = indices.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[2])
+    return x.gather(1, picked).masked_fill((indices < 0).unsqueeze(-1), 0)
+
+
 def select_backward(
     grad_rows: torch.Tensor,
     x: torch.Tensor,
@@ -195,7 +201,7 @@ def select_backward(
 
     coef = (w * dist * gamma.to(acc) + wa * cos).sum(-1) * inv_q.square() + dd[:, 0] * inv_q
     beta = -wa * inv_q.unsqueeze(-1) * inv_q_picked.unsqueeze(1)
-    dx = coef.unsqueeze(-1) * xf + torch.bmm(beta, x_picked)
+    dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
     along_picks = (wa * cos).sum(1) * inv_q_picked.square()
     into_picks = (
         torch.bmm(beta.transpose(1, 2), xf)
@@ -243,3 +249,25 @@ if _dispatch.extension_loaded():
     torch.library.register_autograd(
         "fusedset::quality_fps_select", _backward, setup_context=_setup_context
     )
+
+    if _dispatch.triton_importable():
+
+        def _quality_fps_cuda(x, gamma, k, lengths=None):
+            from fusedset.triton_kernels import quality_fps as kernels
+
+            return kernels.select(x, gamma, k, lengths)[0]
+
+        def _quality_fps_select_cuda(x, gamma, noise, scale, tau, k, lengths=None):
+            from fusedset.triton_kernels import quality_fps as kernels
+
+            if not tau > 0:
+                raise ValueError(f"quality_fps_select: tau must be positive, got {tau}")
+            indices, logits, source = kernels.select(
+                x, gamma, k, lengths, noise=noise, scale=scale, record=True
+            )
+            return gather_rows(x, indices), indices, logits, source
+
+        torch.library.register_kernel("fusedset::quality_fps", "cuda", _quality_fps_cuda)
+        torch.library.register_kernel(
+            "fusedset::quality_fps_select", "cuda", _quality_fps_select_cuda
+        )

@@ -21,12 +21,13 @@ import triton.language as tl
 from fusedset.triton_kernels.registry import CompileVariant, compile_checked
 
 SMALL_N = 256
-SMALL_BLOCK_C = 32
 SWEEP_BLOCK_N = 64
 SWEEP_BLOCK_C = 64
 PICK_BLOCK = 1024
+# Memory-bound sweeps: occupancy hides latency; software pipelining only costs registers.
+SWEEP_OPTIONS = {"num_warps": 8, "num_stages": 1}
 # Zero-norm rows score below every candidate and above "nothing left".
-ZERO_ROW_SCORE = -3.4028234663852886e38
+ZERO_ROW_SCORE = tl.constexpr(-3.4028234663852886e38)
 
 _DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -55,17 +56,21 @@ def _small_variants() -> list[CompileVariant]:
                     "RECORD": mode,
                     "ACC": tl.float32,
                     "BLOCK_N": block_n,
-                    "BLOCK_C": SMALL_BLOCK_C,
+                    "BLOCK_C": _small_block_c(block_n),
                 }
                 tag = f"{label},N{block_n},{'record' if mode else 'plain'}"
-                variants.append(
-                    CompileVariant(tag, signature, constexprs, {"num_warps": _small_warps(block_n)})
-                )
+                options = {"num_warps": _small_warps(block_n), "num_stages": 1}
+                variants.append(CompileVariant(tag, signature, constexprs, options))
     return variants
 
 
 def _small_warps(block_n: int) -> int:
     return 8 if block_n > 128 else 4
+
+
+def _small_block_c(block_n: int) -> int:
+    """Channels per tile: about 16 tile values per thread, whatever the template size."""
+    return max(16, min(32, 2048 // block_n))
 
 
 @compile_checked(*_small_variants())
@@ -178,7 +183,7 @@ def _sweep_variants() -> list[CompileVariant]:
                     "BLOCK_C": SWEEP_BLOCK_C,
                 }
                 tag = f"{label},{'norms' if first else 'step'},{'record' if mode else 'plain'}"
-                variants.append(CompileVariant(tag, signature, constexprs, {"num_warps": 4}))
+                variants.append(CompileVariant(tag, signature, constexprs, SWEEP_OPTIONS))
     return variants
 
 
@@ -362,8 +367,8 @@ def select(
         bad = torch.empty(batch, dtype=torch.int64, device=device)
         _qfps_on_chip_kernel[(batch,)](
             x, gamma, lengths, noise_arg, indices, logits_arg, source_arg, bad,
-            n, channels, steps, scale, **flags, BLOCK_N=block_n, BLOCK_C=SMALL_BLOCK_C,
-            num_warps=_small_warps(block_n),
+            n, channels, steps, scale, **flags, BLOCK_N=block_n, BLOCK_C=_small_block_c(block_n),
+            num_warps=_small_warps(block_n), num_stages=1,
         )  # fmt: skip
     else:
         blocks = triton.cdiv(n, SWEEP_BLOCK_N)
@@ -378,7 +383,7 @@ def select(
                 x, gamma, lengths, noise_arg, indices, logits_arg, source_arg, bad,
                 d, half_qg, inv_q, src, part_score, part_idx,
                 n, channels, steps, t, scale, FIRST=t == 0, **flags,
-                BLOCK_N=SWEEP_BLOCK_N, BLOCK_C=SWEEP_BLOCK_C, num_warps=4,
+                BLOCK_N=SWEEP_BLOCK_N, BLOCK_C=SWEEP_BLOCK_C, **SWEEP_OPTIONS,
             )  # fmt: skip
             _qfps_pick_kernel[(batch,)](
                 part_score, part_idx, indices, d, n, blocks, steps, t, BLOCK=PICK_BLOCK,

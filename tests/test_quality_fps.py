@@ -336,3 +336,70 @@ def test_generator_makes_the_draw_reproducible():
 def test_bad_inputs_name_the_argument(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(torch.randn(2, 5, 4))
+
+
+# ---------------------------------------------------------------- Triton, under TRITON_INTERPRET=1
+
+
+@pytest.fixture
+def triton_select():
+    pytest.importorskip("triton")
+    from fusedset.triton_kernels.quality_fps import select
+
+    return select
+
+
+TRITON_SHAPES = [(2, 1, 8, 3), (3, 5, 7, 5), (2, 40, 33, 3), (1, 150, 16, 4)]
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
+    b, n, c, k = shape
+    x = features((b, n, c), dtype)
+    x[0, n // 2] = 0
+    lengths = torch.tensor([n] + [max(0, n - 3)] * (b - 1))
+    gamma = torch.tensor(0.7, dtype=torch.float64)
+    noise = noise_for(x, k)
+    idx, logits, source = triton_select(
+        x, gamma, k, lengths, noise=noise, scale=2.0, record=True, on_chip=on_chip
+    )
+    _, e_idx, e_logits, e_source = select_kernel(x, k, gamma, noise, scale=2.0, lengths=lengths)
+    assert torch.equal(idx, e_idx)
+    assert torch.equal(source, e_source)
+    assert logits.dtype == e_logits.dtype
+    assert torch.equal(logits.isneginf(), e_logits.isneginf())
+    finite = ~e_logits.isneginf()
+    assert_rel_close(logits[finite], e_logits[finite], 1e-5 if dtype != torch.float64 else 1e-12)
+    plain, none_logits, none_source = triton_select(x, gamma, k, lengths, on_chip=on_chip)
+    assert none_logits is None
+    assert none_source is None
+    assert torch.equal(plain, reference.quality_fps(x, k, gamma, lengths))
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+def test_triton_matches_released_facecoresetnet(triton_select, fixtures_dir, on_chip):
+    data = torch.load(fixtures_dir / "facecoresetnet_official.pt", weights_only=True)
+    for case in data["cases"]:
+        x = case["embeddings"] * case["norms"]
+        gamma = torch.tensor(case["gamma"], dtype=torch.float64)
+        idx, _, _ = triton_select(x, gamma, case["coreset_size"], on_chip=on_chip)
+        assert torch.equal(idx, case["selected_indices"])
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+def test_triton_ties_zero_rows_and_nan(triton_select, on_chip):
+    gamma = torch.tensor(1.0, dtype=torch.float64)
+    x = features((1, 7, 8))
+    x[0, 1] *= 10 / x[0, 1].norm()
+    x[0, 5:] = x[0, 1]
+    x[0, 3] = 0
+    idx, _, _ = triton_select(x, gamma, 7, on_chip=on_chip)
+    assert idx[0, 0] == 1
+    assert idx[0, -3:].tolist() == [5, 6, 3]
+    assert torch.equal(idx, reference.quality_fps(x, 7, gamma))
+    x[0, 4, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"quality_fps: x\[0, 4\] is not finite"):
+        triton_select(x, gamma, 3, on_chip=on_chip)

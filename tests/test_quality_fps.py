@@ -4,7 +4,7 @@ import torch
 import fusedset
 from fusedset import reference
 from fusedset.ops import quality_fps, quality_fps_select
-from fusedset.ops.quality_fps import gumbel_noise
+from fusedset.ops.quality_fps import backward_dots_eager, backward_spread_eager, gumbel_noise
 from fusedset.reference.quality_fps import selection_weights
 
 from .helpers import DEVICES, assert_rel_close
@@ -234,6 +234,37 @@ def test_gradcheck_float64(shape):
         return rows - rows.detach() + surrogate.detach()
 
     assert torch.autograd.gradcheck(fn, (x, gamma))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 2100, 33, 2), (2, 0, 4, 1)])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_backward_sweeps_match_torch(shape, dtype, device):
+    b, n, c, k = shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = features((b, n, c), dtype, device)
+    m = torch.randn(b, 2 * k, c, dtype=acc, device=device)
+    coef = torch.randn(b, n, dtype=acc, device=device)
+    beta = torch.randn(b, n, k, dtype=acc, device=device)
+    x_picked = torch.randn(b, k, c, dtype=acc, device=device)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    dots, q = torch.ops.fusedset.quality_fps_backward_dots.default(x, m)
+    e_dots, e_q = backward_dots_eager(x.double(), m.double())
+    assert dots.dtype == acc
+    assert_rel_close(dots, e_dots, rtol)
+    assert_rel_close(q, e_q, rtol)
+    dx, into = torch.ops.fusedset.quality_fps_backward_spread.default(x, coef, beta, x_picked)
+    e_dx, e_into = backward_spread_eager(
+        x.double(), coef.double(), beta.double(), x_picked.double()
+    )
+    assert dx.dtype == dtype
+    assert_rel_close(dx, e_dx, rtol if dtype in (torch.float32, torch.float64) else 1e-2)
+    assert_rel_close(into, e_into, rtol)
+    torch.library.opcheck(torch.ops.fusedset.quality_fps_backward_dots.default, (x, m))
+    torch.library.opcheck(
+        torch.ops.fusedset.quality_fps_backward_spread.default, (x, coef, beta, x_picked)
+    )
 
 
 # ---------------------------------------------------------------- torch.library integration

@@ -88,12 +88,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quality_fps_select_fo
   return {rows, p.indices, p.logits, p.source};
 }
 
+std::tuple<at::Tensor, at::Tensor> quality_fps_backward_dots(const at::Tensor& x,
+                                                             const at::Tensor& m,
+                                                             QualityFpsDotsKernel kernel) {
+  TORCH_CHECK(x.dim() == 3 && m.dim() == 3 && m.size(0) == x.size(0) && m.size(2) == x.size(2),
+              "quality_fps_backward_dots: x (B, N, C) and m (B, M, C) expected, got ", x.sizes(),
+              " and ", m.sizes());
+  const at::ScalarType acc = accumulation_type(x);
+  TORCH_CHECK(m.scalar_type() == acc, "quality_fps_backward_dots: m must be ", acc, ", got ",
+              m.scalar_type());
+  at::Tensor dots = at::empty({x.size(0), x.size(1), m.size(1)}, x.options().dtype(acc));
+  at::Tensor q = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc));
+  if (x.numel() > 0) {
+    kernel(x.contiguous(), m.contiguous(), dots, q);
+  } else {
+    dots.zero_();
+    q.zero_();
+  }
+  return {dots, q};
+}
+
+std::tuple<at::Tensor, at::Tensor> quality_fps_backward_spread(const at::Tensor& x,
+                                                               const at::Tensor& coef,
+                                                               const at::Tensor& beta,
+                                                               const at::Tensor& x_picked,
+                                                               QualityFpsSpreadKernel kernel) {
+  const at::ScalarType acc = accumulation_type(x);
+  TORCH_CHECK(x.dim() == 3 && coef.dim() == 2 && beta.dim() == 3 && x_picked.dim() == 3 &&
+                  coef.size(0) == x.size(0) && coef.size(1) == x.size(1) &&
+                  beta.size(0) == x.size(0) && beta.size(1) == x.size(1) &&
+                  x_picked.size(0) == x.size(0) && x_picked.size(1) == beta.size(2) &&
+                  x_picked.size(2) == x.size(2),
+              "quality_fps_backward_spread: shapes x (B, N, C), coef (B, N), beta (B, N, K), "
+              "x_picked (B, K, C) expected, got ",
+              x.sizes(), ", ", coef.sizes(), ", ", beta.sizes(), ", ", x_picked.sizes());
+  TORCH_CHECK(coef.scalar_type() == acc && beta.scalar_type() == acc &&
+                  x_picked.scalar_type() == acc,
+              "quality_fps_backward_spread: coef, beta and x_picked must be ", acc);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor into = at::zeros({x.size(0), beta.size(2), x.size(2)}, x.options().dtype(acc));
+  if (x.numel() > 0) {
+    kernel(x.contiguous(), coef.contiguous(), beta.contiguous(), x_picked.contiguous(), dx, into);
+  }
+  return {dx, into};
+}
+
 TORCH_LIBRARY_FRAGMENT(fusedset, m) {
   m.def("quality_fps(Tensor x, Tensor gamma, int k, Tensor? lengths=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def(
       "quality_fps_select(Tensor x, Tensor gamma, Tensor noise, float scale, float tau, int k, "
       "Tensor? lengths=None) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def("quality_fps_backward_dots(Tensor x, Tensor m) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "quality_fps_backward_spread(Tensor x, Tensor coef, Tensor beta, Tensor x_picked) -> "
+      "(Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -31,4 +31,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quality_fps_select_fo
     const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& noise, double scale,
     double tau, int64_t k, const std::optional<at::Tensor>& lengths, QualityFpsKernel kernel);
 
+// The two sweeps over X of the select backward (fusedset/ops/quality_fps.py composes them):
+// dots (B, N, M) = x m^T and q (B, N) = ||x_i||, both in the accumulation dtype ...
+using QualityFpsDotsKernel = void (*)(const at::Tensor& x, const at::Tensor& m, at::Tensor& dots,
+                                      at::Tensor& q);
+// ... and dx = coef * x + beta x_picked (x's dtype), into = beta^T x (accumulation dtype).
+using QualityFpsSpreadKernel = void (*)(const at::Tensor& x, const at::Tensor& coef,
+                                        const at::Tensor& beta, const at::Tensor& x_picked,
+                                        at::Tensor& dx, at::Tensor& into);
+
+std::tuple<at::Tensor, at::Tensor> quality_fps_backward_dots(const at::Tensor& x,
+                                                             const at::Tensor& m,
+                                                             QualityFpsDotsKernel kernel);
+std::tuple<at::Tensor, at::Tensor> quality_fps_backward_spread(const at::Tensor& x,
+                                                               const at::Tensor& coef,
+                                                               const at::Tensor& beta,
+                                                               const at::Tensor& x_picked,
+                                                               QualityFpsSpreadKernel kernel);
+
 }  // namespace fusedset

@@ -143,6 +143,21 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(1, picked).masked_fill((indices < 0).unsqueeze(-1), 0)
 
 
+def backward_dots_eager(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quality_fps_backward_dots in torch ops: (x m^T, ||x_i||) in m's dtype."""
+    xf = x.to(m.dtype)
+    return torch.bmm(xf, m.transpose(1, 2)), xf.norm(dim=-1)
+
+
+def backward_spread_eager(
+    x: torch.Tensor, coef: torch.Tensor, beta: torch.Tensor, x_picked: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quality_fps_backward_spread in torch ops: (coef * x + beta x_picked, beta^T x)."""
+    xf = x.to(coef.dtype)
+    dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
+    return dx.to(x.dtype), torch.bmm(beta.transpose(1, 2), xf)
+
+
 def select_backward(
     grad_rows: torch.Tensor,
     x: torch.Tensor,
@@ -159,18 +174,21 @@ def select_backward(
     Per step the soft weights are recomputed from the recorded ``d_t`` and the noise; ``source``
     says which pick's distance each ``d_t`` is, so the gradient of the running minimum goes to
     the pick the kernel kept. The per-step gradients of the K distance columns are gathered
-    into an (N, K) matrix first, so X is read by two batched mat-mats and one update, whatever K.
+    into an (N, K) matrix first, so X is swept twice whatever K: once for its dot products with
+    the output gradients and the picks (quality_fps_backward_dots), once to write dx
+    (quality_fps_backward_spread); everything between is O(N K).
     """
     acc = logits.dtype
     batch, n, channels = x.shape
     steps = indices.shape[1]
-    xf = x.to(acc)
     g_rows = grad_rows.to(acc)
     picked = indices.clamp_min(0)
     has_pick = (indices >= 0).unsqueeze(-1)
-    x_picked = xf.gather(1, picked.unsqueeze(-1).expand(batch, steps, channels))
+    x_picked = x.gather(1, picked.unsqueeze(-1).expand(batch, steps, channels)).to(acc)
 
-    projections = torch.bmm(xf, torch.cat([g_rows, x_picked], dim=1).transpose(1, 2))
+    projections, q = torch.ops.fusedset.quality_fps_backward_dots.default(
+        x, torch.cat([g_rows, x_picked], dim=1)
+    )
     h, dots = projections[..., :steps], projections[..., steps:]
 
     z = (logits * scale + noise.to(acc)) / tau
@@ -186,7 +204,6 @@ def select_backward(
             2, source[:, 1:].clamp_min(0).long().transpose(1, 2), dd[:, 1:].transpose(1, 2)
         )
 
-    q = xf.norm(dim=-1)
     nonzero = q > 0
     q_safe = torch.where(nonzero, q, 1)
     inv_q = torch.where(nonzero, 1 / q_safe, 0)
@@ -201,14 +218,11 @@ def select_backward(
 
     coef = (w * dist * gamma.to(acc) + wa * cos).sum(-1) * inv_q.square() + dd[:, 0] * inv_q
     beta = -wa * inv_q.unsqueeze(-1) * inv_q_picked.unsqueeze(1)
-    dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
+    dx, spread = torch.ops.fusedset.quality_fps_backward_spread.default(x, coef, beta, x_picked)
     along_picks = (wa * cos).sum(1) * inv_q_picked.square()
-    into_picks = (
-        torch.bmm(beta.transpose(1, 2), xf)
-        + along_picks.unsqueeze(-1) * x_picked
-        + g_rows * has_pick
-    )
-    dx.scatter_add_(1, picked.unsqueeze(-1).expand(batch, steps, channels), into_picks)
+    into_picks = spread + along_picks.unsqueeze(-1) * x_picked + g_rows * has_pick
+    # The picked rows' share is added in the accumulation dtype (a no-op cast for float32).
+    dx = dx.to(acc).scatter_add_(1, picked.unsqueeze(-1).expand(batch, steps, channels), into_picks)
     log_q = torch.where(nonzero, q_safe.log(), 0)
     dgamma = (w * dist * log_q.unsqueeze(-1)).sum()
     return dx.to(x.dtype), dgamma.to(gamma.dtype).reshape(gamma.shape)
@@ -250,24 +264,22 @@ if _dispatch.extension_loaded():
         "fusedset::quality_fps_select", _backward, setup_context=_setup_context
     )
 
-    if _dispatch.triton_importable():
-
-        def _quality_fps_cuda(x, gamma, k, lengths=None):
-            from fusedset.triton_kernels import quality_fps as kernels
-
-            return kernels.select(x, gamma, k, lengths)[0]
-
-        def _quality_fps_select_cuda(x, gamma, noise, scale, tau, k, lengths=None):
-            from fusedset.triton_kernels import quality_fps as kernels
-
-            if not tau > 0:
-                raise ValueError(f"quality_fps_select: tau must be positive, got {tau}")
-            indices, logits, source = kernels.select(
-                x, gamma, k, lengths, noise=noise, scale=scale, record=True
-            )
-            return gather_rows(x, indices), indices, logits, source
-
-        torch.library.register_kernel("fusedset::quality_fps", "cuda", _quality_fps_cuda)
-        torch.library.register_kernel(
-            "fusedset::quality_fps_select", "cuda", _quality_fps_select_cuda
+    @torch.library.register_fake("fusedset::quality_fps_backward_dots")
+    def _backward_dots_fake(x, m):
+        return x.new_empty((*x.shape[:2], m.shape[1]), dtype=m.dtype), x.new_empty(
+            x.shape[:2], dtype=m.dtype
         )
+
+    @torch.library.register_fake("fusedset::quality_fps_backward_spread")
+    def _backward_spread_fake(x, coef, beta, x_picked):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+            (x.shape[0], beta.shape[2], x.shape[2]), dtype=coef.dtype
+        )
+
+    # On CUDA the two sweeps are batched mat-mats, which cuBLAS runs near bandwidth.
+    torch.library.register_kernel(
+        "fusedset::quality_fps_backward_dots", "cuda", backward_dots_eager
+    )
+    torch.library.register_kernel(
+        "fusedset::quality_fps_backward_spread", "cuda", backward_spread_eager
+    )

@@ -142,6 +142,106 @@ void run(QualityFpsProblem& p) {
   }
 }
 
+template <typename scalar_t>
+void dots_impl(const at::Tensor& x, const at::Tensor& m, at::Tensor& dots, at::Tensor& q) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(1);
+  const int64_t channels = x.size(2);
+  const int64_t width = m.size(1);
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  const acc_t* ms = m.const_data_ptr<acc_t>();
+  acc_t* out = dots.mutable_data_ptr<acc_t>();
+  acc_t* norms = q.mutable_data_ptr<acc_t>();
+  // Each row is swept width + 1 times while it sits in L1: X is read from memory once.
+  at::parallel_for(0, x.size(0) * n, kChunkRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = xs + r * channels;
+      const acc_t* mb = ms + (r / n) * width * channels;
+      norms[r] = std::sqrt(lane_sum<acc_t>(channels, [row](int64_t c) {
+        const acc_t v = static_cast<acc_t>(row[c]);
+        return v * v;
+      }));
+      for (int64_t j = 0; j < width; ++j) {
+        const acc_t* mj = mb + j * channels;
+        out[r * width + j] = lane_sum<acc_t>(
+            channels, [row, mj](int64_t c) { return static_cast<acc_t>(row[c]) * mj[c]; });
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void spread_impl(const at::Tensor& x, const at::Tensor& coef, const at::Tensor& beta,
+                 const at::Tensor& x_picked, at::Tensor& dx, at::Tensor& into) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = x.size(0);
+  const int64_t n = x.size(1);
+  const int64_t channels = x.size(2);
+  const int64_t width = beta.size(2);
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  const acc_t* co = coef.const_data_ptr<acc_t>();
+  const acc_t* be = beta.const_data_ptr<acc_t>();
+  const acc_t* picked = x_picked.const_data_ptr<acc_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  const int64_t chunks = (n + kChunkRows - 1) / kChunkRows;
+  // beta^T x is summed per chunk, then the chunks in order: the same bits on every run.
+  std::vector<acc_t> partial(batch * chunks * width * channels, 0);
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row_out(channels);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t lo = (task % chunks) * kChunkRows;
+      const int64_t hi = std::min(n, lo + kChunkRows);
+      acc_t* acc = partial.data() + task * width * channels;
+      const acc_t* pb = picked + b * width * channels;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r = b * n + i;
+        const scalar_t* row = xs + r * channels;
+        const acc_t* br = be + r * width;
+        for (int64_t c = 0; c < channels; ++c) {
+          row_out[c] = co[r] * static_cast<acc_t>(row[c]);
+        }
+        for (int64_t j = 0; j < width; ++j) {
+          const acc_t w = br[j];
+          const acc_t* pj = pb + j * channels;
+          acc_t* aj = acc + j * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            row_out[c] += w * pj[c];
+            aj[c] += w * static_cast<acc_t>(row[c]);
+          }
+        }
+        scalar_t* dst = out + r * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          dst[c] = static_cast<scalar_t>(row_out[c]);
+        }
+      }
+    }
+  });
+  acc_t* total = into.mutable_data_ptr<acc_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const acc_t* src = partial.data() + (b * chunks + chunk) * width * channels;
+      acc_t* dst = total + b * width * channels;
+      for (int64_t e = 0; e < width * channels; ++e) {
+        dst[e] += src[e];
+      }
+    }
+  }
+}
+
+void dots_kernel(const at::Tensor& x, const at::Tensor& m, at::Tensor& dots, at::Tensor& q) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "quality_fps_backward_dots_cpu",
+                                  [&] { dots_impl<scalar_t>(x, m, dots, q); });
+}
+
+void spread_kernel(const at::Tensor& x, const at::Tensor& coef, const at::Tensor& beta,
+                   const at::Tensor& x_picked, at::Tensor& dx, at::Tensor& into) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "quality_fps_backward_spread_cpu",
+      [&] { spread_impl<scalar_t>(x, coef, beta, x_picked, dx, into); });
+}
+
 void kernel(QualityFpsProblem& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "quality_fps_cpu",
                                   [&] { run<scalar_t>(p); });
@@ -159,6 +259,13 @@ TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
             double tau, int64_t k, const std::optional<at::Tensor>& lengths) {
            return quality_fps_select_forward(x, gamma, noise, scale, tau, k, lengths, kernel);
          });
+  m.impl("quality_fps_backward_dots", [](const at::Tensor& x, const at::Tensor& m) {
+    return quality_fps_backward_dots(x, m, dots_kernel);
+  });
+  m.impl("quality_fps_backward_spread", [](const at::Tensor& x, const at::Tensor& coef,
+                                           const at::Tensor& beta, const at::Tensor& x_picked) {
+    return quality_fps_backward_spread(x, coef, beta, x_picked, spread_kernel);
+  });
 }
 
 }  // namespace fusedset

@@ -434,3 +434,21 @@ def test_triton_ties_zero_rows_and_nan(triton_select, on_chip):
     x[0, 4, 2] = float("nan")
     with pytest.raises(ValueError, match=r"quality_fps: x\[0, 4\] is not finite"):
         triton_select(x, gamma, 3, on_chip=on_chip)
+
+
+def test_triton_ties_across_blocks_and_pick_chunks(triton_select, monkeypatch):
+    """Equal scores in different sweep blocks, and in different chunks of the pick reduction
+    (shrunk so 600 rows span three): the lowest index wins, as in one sequential scan."""
+    from fusedset.triton_kernels import quality_fps as kernels
+
+    monkeypatch.setattr(kernels, "PICK_BLOCK", 4)
+    x = features((1, 600, 4))
+    v = x[0, 0] / x[0, 0].norm()
+    x[0, [5, 300, 590]] = 10 * v
+    x[0, [100, 400]] = -5 * v
+    gamma = torch.tensor(1.0, dtype=torch.float64)
+    expected = reference.quality_fps(x, 3, gamma)
+    assert expected[0, :2].tolist() == [5, 100]
+    idx, _, _ = triton_select(x, gamma, 3, on_chip=False)
+    assert torch.equal(idx, expected)
+    assert torch.equal(kernel(x, 3, gamma), expected)

@@ -106,6 +106,21 @@ def test_permutation_equivariance():
     assert torch.equal(kernel(x[:, perm], 7, 1.3), perm.argsort()[idx])
 
 
+def test_select_and_its_gradient_are_permutation_equivariant():
+    x = features((2, 80, 16), torch.float64)
+    noise = noise_for(x, 4)
+    perm = torch.randperm(80)
+    grad = torch.randn(2, 4, 16, dtype=torch.float64)
+    outputs = []
+    for xp, gp in ((x, noise), (x[:, perm], noise[:, :, perm])):
+        xp = xp.clone().requires_grad_()
+        rows = quality_fps_select(xp, 4, 0.9, noise=gp)
+        (dx,) = torch.autograd.grad(rows, xp, grad)
+        outputs.append((rows, dx))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    torch.testing.assert_close(outputs[1][1], outputs[0][1][:, perm])
+
+
 def test_lengths_match_separate_templates():
     x = features((3, 30, 16))
     lengths = torch.tensor([30, 4, 0])

@@ -31,21 +31,28 @@ SWEEP_OPTIONS = {"num_warps": 4, "num_stages": 1}
 # Zero-norm rows score below every candidate and above "nothing left".
 ZERO_ROW_SCORE = tl.constexpr(-3.4028234663852886e38)
 
-_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# (x's type, accumulation type). float64 inputs (the training form's gradcheck dtype) are
+# compiled only in the recording mode of quality_fps_select.
+_INPUTS = [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")]
+_ACC = {"fp32": tl.float32, "fp64": tl.float64}
+
+
+def _modes(acc: str) -> tuple[bool, ...]:
+    return (True,) if acc == "fp64" else (False, True)
 
 
 def _small_variants() -> list[CompileVariant]:
     variants = []
-    for label, x_type in _DTYPES.items():
+    for label, acc in _INPUTS:
         for block_n in (16, SMALL_N):
-            for mode in (False, True):
+            for mode in _modes(acc):
                 signature = {
-                    "x_ptr": x_type,
+                    "x_ptr": f"*{label}",
                     "gamma_ptr": "*fp64",
                     "lengths_ptr": "*i64",
-                    "noise_ptr": "*fp32",
+                    "noise_ptr": f"*{acc}",
                     "idx_ptr": "*i64",
-                    "logits_ptr": "*fp32",
+                    "logits_ptr": f"*{acc}",
                     "source_ptr": "*i32",
                     "bad_ptr": "*i64",
                     "N": "i32",
@@ -56,7 +63,7 @@ def _small_variants() -> list[CompileVariant]:
                 constexprs = {
                     "HAS_NOISE": mode,
                     "RECORD": mode,
-                    "ACC": tl.float32,
+                    "ACC": _ACC[acc],
                     "BLOCK_N": block_n,
                     "BLOCK_C": _small_block_c(block_n),
                 }
@@ -152,23 +159,23 @@ def _qfps_on_chip_kernel(
 
 def _sweep_variants() -> list[CompileVariant]:
     variants = []
-    for label, x_type in _DTYPES.items():
+    for label, acc in _INPUTS:
         for first in (True, False):
-            for mode in (False, True):
+            for mode in _modes(acc):
                 signature = {
-                    "x_ptr": x_type,
+                    "x_ptr": f"*{label}",
                     "gamma_ptr": "*fp64",
                     "lengths_ptr": "*i64",
-                    "noise_ptr": "*fp32",
+                    "noise_ptr": f"*{acc}",
                     "idx_ptr": "*i64",
-                    "logits_ptr": "*fp32",
+                    "logits_ptr": f"*{acc}",
                     "source_ptr": "*i32",
                     "bad_ptr": "*i64",
-                    "d_ptr": "*fp32",
-                    "half_qg_ptr": "*fp32",
-                    "inv_q_ptr": "*fp32",
+                    "d_ptr": f"*{acc}",
+                    "half_qg_ptr": f"*{acc}",
+                    "inv_q_ptr": f"*{acc}",
                     "src_ptr": "*i32",
-                    "part_score_ptr": "*fp32",
+                    "part_score_ptr": f"*{acc}",
                     "part_idx_ptr": "*i32",
                     "N": "i32",
                     "C": "i32",
@@ -180,7 +187,7 @@ def _sweep_variants() -> list[CompileVariant]:
                     "FIRST": first,
                     "HAS_NOISE": mode,
                     "RECORD": mode,
-                    "ACC": tl.float32,
+                    "ACC": _ACC[acc],
                     "BLOCK_N": SWEEP_BLOCK_N,
                     "BLOCK_C": SWEEP_BLOCK_C,
                 }
@@ -285,20 +292,23 @@ def _qfps_sweep_kernel(
 
 
 @compile_checked(
-    CompileVariant(
-        "fp32",
-        {
-            "part_score_ptr": "*fp32",
-            "part_idx_ptr": "*i32",
-            "idx_ptr": "*i64",
-            "d_ptr": "*fp32",
-            "N": "i32",
-            "blocks": "i32",
-            "steps": "i32",
-            "t": "i32",
-        },
-        {"BLOCK": PICK_BLOCK},
-        {"num_warps": 4},
+    *(
+        CompileVariant(
+            acc,
+            {
+                "part_score_ptr": f"*{acc}",
+                "part_idx_ptr": "*i32",
+                "idx_ptr": "*i64",
+                "d_ptr": f"*{acc}",
+                "N": "i32",
+                "blocks": "i32",
+                "steps": "i32",
+                "t": "i32",
+            },
+            {"BLOCK": PICK_BLOCK},
+            {"num_warps": 4},
+        )
+        for acc in _ACC
     )
 )
 @triton.jit

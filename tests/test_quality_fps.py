@@ -214,6 +214,7 @@ def _reference_grads(x, gamma, noise, k, tau, scale, lengths, grad):
 def test_straight_through_gradients_match_eager(dtype, tau, scale, device):
     x = features((3, 30, 16), dtype, device)
     x[0, 7] = 0
+    x[1, 2:] = float("nan")  # padding: reaches no value and no gradient
     lengths = torch.tensor([30, 2, 17], device=device)
     noise = noise_for(x, 4)
     gamma_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -265,9 +266,14 @@ def test_backward_sweeps_match_torch(shape, dtype, device):
     coef = torch.randn(b, n, dtype=acc, device=device)
     beta = torch.randn(b, n, k, dtype=acc, device=device)
     x_picked = torch.randn(b, k, c, dtype=acc, device=device)
+    if n > 1:  # an untouched row is not read: NaN there changes nothing
+        x[:, 1] = float("nan")
+        coef[:, 1] = 0
+        beta[:, 1] = 0
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
     dots, q = torch.ops.fusedset.quality_fps_backward_dots.default(x, m)
     e_dots, e_q = backward_dots_eager(x.double(), m.double())
+    assert dots.isnan().any() == (n > 1)  # dots do read every row
     assert dots.dtype == acc
     assert_rel_close(dots, e_dots, rtol)
     assert_rel_close(q, e_q, rtol)
@@ -276,8 +282,11 @@ def test_backward_sweeps_match_torch(shape, dtype, device):
         x.double(), coef.double(), beta.double(), x_picked.double()
     )
     assert dx.dtype == dtype
+    assert not dx.isnan().any()
+    assert not into.isnan().any()
     assert_rel_close(dx, e_dx, rtol if dtype in (torch.float32, torch.float64) else 1e-2)
     assert_rel_close(into, e_into, rtol)
+    x = x.nan_to_num()  # opcheck compares outputs with ==
     torch.library.opcheck(torch.ops.fusedset.quality_fps_backward_dots.default, (x, m))
     torch.library.opcheck(
         torch.ops.fusedset.quality_fps_backward_spread.default, (x, coef, beta, x_picked)

@@ -35,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quality_fps_select_fo
 // dots (B, N, M) = x m^T and q (B, N) = ||x_i||, both in the accumulation dtype ...
 using QualityFpsDotsKernel = void (*)(const at::Tensor& x, const at::Tensor& m, at::Tensor& dots,
                                       at::Tensor& q);
-// ... and dx = coef * x + beta x_picked (x's dtype), into = beta^T x (accumulation dtype).
+// ... and dx = coef * x + beta x_picked (x's dtype), into = beta^T x (accumulation dtype); a row
+// whose coef and beta are all zero counts as zero, so padding is never read as a number.
 using QualityFpsSpreadKernel = void (*)(const at::Tensor& x, const at::Tensor& coef,
                                         const at::Tensor& beta, const at::Tensor& x_picked,
                                         at::Tensor& dx, at::Tensor& into);

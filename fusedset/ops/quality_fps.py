@@ -152,8 +152,10 @@ def backward_dots_eager(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor,
 def backward_spread_eager(
     x: torch.Tensor, coef: torch.Tensor, beta: torch.Tensor, x_picked: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """quality_fps_backward_spread in torch ops: (coef * x + beta x_picked, beta^T x)."""
-    xf = x.to(coef.dtype)
+    """quality_fps_backward_spread in torch ops: (coef * x + beta x_picked, beta^T x), where a
+    row whose coefficients are all zero counts as zero (padding is never read as a number)."""
+    touched = (coef != 0) | (beta != 0).any(dim=-1)
+    xf = torch.where(touched.unsqueeze(-1), x.to(coef.dtype), 0)
     dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
     return dx.to(x.dtype), torch.bmm(beta.transpose(1, 2), xf)
 
@@ -184,11 +186,16 @@ def select_backward(
     g_rows = grad_rows.to(acc)
     picked = indices.clamp_min(0)
     has_pick = (indices >= 0).unsqueeze(-1)
-    x_picked = x.gather(1, picked.unsqueeze(-1).expand(batch, steps, channels)).to(acc)
+    x_picked = gather_rows(x, indices).to(acc)
 
     projections, q = torch.ops.fusedset.quality_fps_backward_dots.default(
         x, torch.cat([g_rows, x_picked], dim=1)
     )
+    # Rows with a direction inside their template (finite d_0 = q). Padding may hold anything,
+    # NaN included: where() keeps it out of every sum below.
+    live = (logits > float("-inf")).any(dim=1)
+    projections = torch.where(live.unsqueeze(-1), projections, 0)
+    q = torch.where(live, q, 0)
     h, dots = projections[..., :steps], projections[..., steps:]
 
     z = (logits * scale + noise.to(acc)) / tau

@@ -24,11 +24,18 @@ def _valid_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return positions < lengths.to(x.device)[:, None]
 
 
+def _valid_part(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """x in the accumulation dtype with padding zeroed: whatever padding holds (NaN included)
+    reaches neither the values nor the gradients."""
+    valid = _valid_rows(x, lengths).unsqueeze(-1)
+    return torch.where(valid, x.to(_accumulation_dtype(x)), 0)
+
+
 def _trace(x, k, gamma, scale, noise, lengths):
     """Runs the selection with autograd-visible math. Yields per step the logit base d_t
     (-inf where unavailable), the noise g_t and the picked index (-1 when nothing is left)."""
     acc = _accumulation_dtype(x)
-    xf = x.to(acc)
+    xf = _valid_part(x, lengths)
     batch, n, _ = x.shape
     steps = min(k, n)
     gamma = torch.as_tensor(gamma, dtype=acc, device=x.device)
@@ -119,4 +126,4 @@ def quality_fps_select(
     FaceCoresetNet's training code, one step at a time."""
     y_hard, y_soft = selection_weights(x, k, gamma, tau, scale, noise, lengths)
     y = y_hard - y_soft.detach() + y_soft
-    return torch.einsum("btn,bnc->btc", y, x.to(y.dtype)).to(x.dtype)
+    return torch.einsum("btn,bnc->btc", y, _valid_part(x, lengths)).to(x.dtype)

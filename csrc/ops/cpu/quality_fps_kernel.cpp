@@ -198,6 +198,13 @@ void spread_impl(const at::Tensor& x, const at::Tensor& coef, const at::Tensor& 
         const int64_t r = b * n + i;
         const scalar_t* row = xs + r * channels;
         const acc_t* br = be + r * width;
+        scalar_t* dst = out + r * channels;
+        // Untouched rows (padding among them) are not read: their gradient is zero whatever
+        // they hold, NaN included.
+        if (co[r] == 0 && std::all_of(br, br + width, [](acc_t v) { return v == 0; })) {
+          std::fill(dst, dst + channels, scalar_t(0));
+          continue;
+        }
         for (int64_t c = 0; c < channels; ++c) {
           row_out[c] = co[r] * static_cast<acc_t>(row[c]);
         }
@@ -210,7 +217,6 @@ void spread_impl(const at::Tensor& x, const at::Tensor& coef, const at::Tensor& 
             aj[c] += w * static_cast<acc_t>(row[c]);
           }
         }
-        scalar_t* dst = out + r * channels;
         for (int64_t c = 0; c < channels; ++c) {
           dst[c] = static_cast<scalar_t>(row_out[c]);
         }

@@ -24,6 +24,15 @@ namespace {
 // Rows per task: large enough that a task's sweep is contiguous memory (2 MB at C = 512, fp32),
 // small enough that uneven templates still spread over the threads.
 constexpr int64_t kChunkRows = 1024;
+// Bytes of X a thread must have to sweep before a second thread is worth waking: on a busy
+// machine the wake-up waits for a scheduler slice (milliseconds, measured), longer than a 20 MB
+// sweep takes on one core.
+constexpr int64_t kBytesPerThread = 32 << 20;
+
+// Grain (in tasks) for at::parallel_for over tasks of rows_per_task rows of row_bytes each.
+int64_t task_grain(int64_t rows_per_task, int64_t row_bytes) {
+  return std::max<int64_t>(1, kBytesPerThread / std::max<int64_t>(1, rows_per_task * row_bytes));
+}
 
 template <typename acc_t>
 struct Best {
@@ -60,9 +69,11 @@ void run(QualityFpsProblem& p) {
   const int64_t tasks = batch * chunks;
   std::vector<Best<acc_t>> partial(tasks);
   std::vector<int64_t> first_bad(tasks);
+  const int64_t grain =
+      task_grain(std::min(n, kChunkRows), channels * static_cast<int64_t>(sizeof(scalar_t)));
 
   for (int64_t t = 0; t < steps; ++t) {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / chunks;
         const int64_t lo = (task % chunks) * kChunkRows;
@@ -153,7 +164,8 @@ void dots_impl(const at::Tensor& x, const at::Tensor& m, at::Tensor& dots, at::T
   acc_t* out = dots.mutable_data_ptr<acc_t>();
   acc_t* norms = q.mutable_data_ptr<acc_t>();
   // Each row is swept width + 1 times while it sits in L1: X is read from memory once.
-  at::parallel_for(0, x.size(0) * n, kChunkRows, [&](int64_t begin, int64_t end) {
+  const int64_t grain = task_grain(1, channels * static_cast<int64_t>(sizeof(scalar_t)));
+  at::parallel_for(0, x.size(0) * n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = xs + r * channels;
       const acc_t* mb = ms + (r / n) * width * channels;
@@ -186,7 +198,9 @@ void spread_impl(const at::Tensor& x, const at::Tensor& coef, const at::Tensor& 
   const int64_t chunks = (n + kChunkRows - 1) / kChunkRows;
   // beta^T x is summed per chunk, then the chunks in order: the same bits on every run.
   std::vector<acc_t> partial(batch * chunks * width * channels, 0);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain =
+      task_grain(std::min(n, kChunkRows), channels * static_cast<int64_t>(sizeof(scalar_t)));
+  at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row_out(channels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;

@@ -2,6 +2,14 @@
 
 from fusedset.reference.caface import CAFaceConfig, CAFaceReference
 from fusedset.reference.facecoresetnet import FaceCoresetNetReference
+from fusedset.reference.quality_fps import quality_fps, quality_fps_select
 from fusedset.reference.style_pool import style_pool
 
-__all__ = ["CAFaceConfig", "CAFaceReference", "FaceCoresetNetReference", "style_pool"]
+__all__ = [
+    "CAFaceConfig",
+    "CAFaceReference",
+    "FaceCoresetNetReference",
+    "quality_fps",
+    "quality_fps_select",
+    "style_pool",
+]

@@ -8,13 +8,13 @@
 
 #include <algorithm>
 
+#include "ops/lane_sum.h"
 #include "ops/style_pool.h"
 #include "ops/style_pool_math.h"
 
 namespace fusedset {
 namespace {
 
-constexpr int64_t kLanes = 16;
 // Channels reduced together in channels_last rows: a 256-byte slice of each pixel.
 constexpr int64_t kChannelBlock = 64;
 // Values per parallel task: enough work to pay for handing the task to a thread.
@@ -32,27 +32,6 @@ template <typename acc_t>
 Stats<acc_t> corrected_stats(acc_t mean, acc_t sum_dev, acc_t sum_sq_dev, int64_t n) {
   const acc_t count = static_cast<acc_t>(n);
   return {mean + sum_dev / count, unbiased_std(sum_sq_dev - sum_dev * sum_dev / count, n)};
-}
-
-// Independent partial sums break the add dependency chain so the loop vectorizes. One sum per
-// sweep: fusing two sums into one sweep spills the lanes and runs 3x slower.
-template <typename acc_t, typename Term>
-acc_t lane_sum(int64_t n, const Term& term) {
-  acc_t part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      part[l] += term(i + l);
-    }
-  }
-  acc_t total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    total += part[l];
-  }
-  for (; i < n; ++i) {
-    total += term(i);
-  }
-  return total;
 }
 
 template <typename scalar_t, typename acc_t>

@@ -1,0 +1,292 @@
+"""quality_fps: FaceCoresetNet's core-template selection, quality-aware farthest-point sampling.
+
+Contract shared by the kernels and the reference (fusedset.reference.quality_fps):
+
+- ``q_i = ||x_i||``. Step 0 picks the largest q; step t >= 1 picks the largest
+  ``d_i = min over picks s of q_i^gamma * max(0, 1 - cos(x_i, x_s)) / 2``; ties go to the lowest
+  index. A row is picked at most once.
+- Ragged templates: a padded batch (B, N, C) and ``lengths`` (B,); rows at or past
+  ``lengths[b]`` are never read for selection nor picked. Past ``min(k, lengths[b])`` steps the
+  index is -1 and the selected row is zeros.
+- Zero-norm rows have no direction: they are picked only once every other row of the template
+  is, in index order, and take no part in any distance (nothing is divided by their norm).
+- A NaN or inf in a valid row raises ValueError naming the row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedset import _dispatch, reference
+from fusedset.ops._checks import check_tensor
+
+
+def _check_args(
+    op: str,
+    x: torch.Tensor,
+    k: int,
+    gamma: float | torch.Tensor,
+    lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    """Checks the shared arguments; returns gamma as a 0-d tensor on x's device."""
+    check_tensor(op, "x", x, dims="B, N, C")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be a positive int, got {k!r}")
+    if isinstance(gamma, torch.Tensor):
+        if gamma.numel() != 1 or not gamma.is_floating_point():
+            raise TypeError(
+                f"{op}: gamma must be a float or a one-element float tensor, got "
+                f"{gamma.dtype} of shape {tuple(gamma.shape)}"
+            )
+        gamma_t = gamma.reshape(())
+    elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
+        gamma_t = torch.tensor(float(gamma), dtype=torch.float64)
+    else:
+        raise TypeError(f"{op}: gamma must be a float or a 0-d tensor, got {type(gamma).__name__}")
+    if lengths is not None:
+        check_tensor(
+            op, "lengths", lengths, dims="B", dtypes=(torch.int32, torch.int64, torch.int16)
+        )
+        if lengths.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{op}: lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}"
+            )
+    return gamma_t.to(x.device)
+
+
+def quality_fps(
+    x: torch.Tensor,
+    k: int,
+    gamma: float | torch.Tensor,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of FaceCoresetNet's core template, in selection order.
+
+    Args:
+        x: (B, N, C) unnormalized features (the norm is the image quality), float16, bfloat16,
+            float32 or float64; distances are computed in float32 (float64 for float64).
+        k: core template size; ``min(k, N)`` indices are returned per template.
+        gamma: exponent of the quality in the distance (0 gives plain cosine FPS).
+        lengths: optional (B,) integer tensor, the number of valid rows of each padded template.
+
+    Returns:
+        (B, min(k, N)) int64, -1 past a template's valid rows. See the module docstring.
+    """
+    gamma_t = _check_args("quality_fps", x, k, gamma, lengths)
+    if _dispatch.use_reference("quality_fps", x.device):
+        return reference.quality_fps(x, k, gamma_t, lengths)
+    return torch.ops.fusedset.quality_fps.default(x, gamma_t, k, lengths)
+
+
+def gumbel_noise(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Standard Gumbel samples, as torch.nn.functional.gumbel_softmax draws them."""
+    return -torch.empty(shape, dtype=dtype, device=device).exponential_(generator=generator).log()
+
+
+def quality_fps_select(
+    x: torch.Tensor,
+    k: int,
+    gamma: float | torch.Tensor,
+    tau: float = 1.0,
+    scale: float = 1.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The differentiable (training) form of quality_fps: the selected rows themselves.
+
+    Step t draws a hard one-hot from ``softmax((d_t * scale + g_t) / tau)`` over the available
+    rows, with ``d_0 = q`` and ``d_t`` the distances of quality_fps, and back-propagates into
+    ``x`` and ``gamma`` straight through the soft weights, as
+    ``torch.nn.functional.gumbel_softmax(hard=True)`` does. Zero-norm rows never enter a soft
+    distribution; a step that can only pick one has no soft path.
+
+    Args:
+        x, k, gamma, lengths: as in quality_fps (gamma may be a tensor that requires grad).
+        tau: softmax temperature, > 0 (FaceCoresetNet: 1 in training, 1e-10 in eval).
+        scale: multiplies the distances before the noise (FaceCoresetNet: 1, 1e4 in eval).
+        noise: (B, min(k, N), N) Gumbel noise g; drawn from ``generator`` when None.
+
+    Returns:
+        (B, min(k, N), C) in x's dtype; zero rows past a template's valid rows.
+    """
+    gamma_t = _check_args("quality_fps_select", x, k, gamma, lengths)
+    if not tau > 0:
+        raise ValueError(f"quality_fps_select: tau must be positive, got {tau}")
+    steps = min(k, x.shape[1])
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if noise is None:
+        noise = gumbel_noise((x.shape[0], steps, x.shape[1]), acc, x.device, generator)
+    else:
+        check_tensor("quality_fps_select", "noise", noise, dims="B, steps, N")
+        if noise.shape != (x.shape[0], steps, x.shape[1]):
+            raise ValueError(
+                f"quality_fps_select: noise must have shape "
+                f"({x.shape[0]}, {steps}, {x.shape[1]}), got {tuple(noise.shape)}"
+            )
+    if _dispatch.use_reference("quality_fps_select", x.device):
+        return reference.quality_fps_select(x, k, gamma_t, tau, scale, noise, lengths)
+    rows, _, _, _ = torch.ops.fusedset.quality_fps_select.default(
+        x, gamma_t, noise, float(scale), float(tau), k, lengths
+    )
+    return rows
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x[b, indices[b, t]] as (B, T, C), zeros where the index is -1."""
+    picked = indices.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[2])
+    return x.gather(1, picked).masked_fill((indices < 0).unsqueeze(-1), 0)
+
+
+def backward_dots_eager(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quality_fps_backward_dots in torch ops: (x m^T, ||x_i||) in m's dtype."""
+    xf = x.to(m.dtype)
+    return torch.bmm(xf, m.transpose(1, 2)), xf.norm(dim=-1)
+
+
+def backward_spread_eager(
+    x: torch.Tensor, coef: torch.Tensor, beta: torch.Tensor, x_picked: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quality_fps_backward_spread in torch ops: (coef * x + beta x_picked, beta^T x), where a
+    row whose coefficients are all zero counts as zero (padding is never read as a number)."""
+    touched = (coef != 0) | (beta != 0).any(dim=-1)
+    xf = torch.where(touched.unsqueeze(-1), x.to(coef.dtype), 0)
+    dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
+    return dx.to(x.dtype), torch.bmm(beta.transpose(1, 2), xf)
+
+
+def select_backward(
+    grad_rows: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    noise: torch.Tensor,
+    indices: torch.Tensor,
+    logits: torch.Tensor,
+    source: torch.Tensor,
+    scale: float,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dgamma) of quality_fps_select, from what its forward recorded.
+
+    Per step the soft weights are recomputed from the recorded ``d_t`` and the noise; ``source``
+    says which pick's distance each ``d_t`` is, so the gradient of the running minimum goes to
+    the pick the kernel kept. The per-step gradients of the K distance columns are gathered
+    into an (N, K) matrix first, so X is swept twice whatever K: once for its dot products with
+    the output gradients and the picks (quality_fps_backward_dots), once to write dx
+    (quality_fps_backward_spread); everything between is O(N K).
+    """
+    acc = logits.dtype
+    batch, n, channels = x.shape
+    steps = indices.shape[1]
+    g_rows = grad_rows.to(acc)
+    picked = indices.clamp_min(0)
+    has_pick = (indices >= 0).unsqueeze(-1)
+    x_picked = gather_rows(x, indices).to(acc)
+
+    projections, q = torch.ops.fusedset.quality_fps_backward_dots.default(
+        x, torch.cat([g_rows, x_picked], dim=1)
+    )
+    # Rows with a direction inside their template (finite d_0 = q). Padding may hold anything,
+    # NaN included: where() keeps it out of every sum below.
+    live = (logits > float("-inf")).any(dim=1)
+    projections = torch.where(live.unsqueeze(-1), projections, 0)
+    q = torch.where(live, q, 0)
+    h, dots = projections[..., :steps], projections[..., steps:]
+
+    z = (logits * scale + noise.to(acc)) / tau
+    soft_step = (logits > float("-inf")).any(dim=-1, keepdim=True)
+    y_soft = torch.softmax(torch.where(soft_step, z, 0), dim=-1) * soft_step
+    h_t = h.transpose(1, 2)
+    dd = y_soft * (h_t - (y_soft * h_t).sum(-1, keepdim=True)) * (scale / tau)
+
+    # w[b, i, j]: gradient of the loss with respect to the distance from row i to pick j.
+    w = torch.zeros(batch, n, steps, dtype=acc, device=x.device)
+    if steps > 1:
+        w.scatter_add_(
+            2, source[:, 1:].clamp_min(0).long().transpose(1, 2), dd[:, 1:].transpose(1, 2)
+        )
+
+    nonzero = q > 0
+    q_safe = torch.where(nonzero, q, 1)
+    inv_q = torch.where(nonzero, 1 / q_safe, 0)
+    half_qg = torch.where(nonzero, q_safe ** gamma.to(acc), 0) / 2
+    q_picked = q.gather(1, picked)
+    inv_q_picked = torch.where(q_picked > 0, 1 / torch.where(q_picked > 0, q_picked, 1), 0)
+    cos = dots * inv_q.unsqueeze(-1) * inv_q_picked.unsqueeze(1)
+    # clamp_min(0)'s gradient passes at the boundary (1 - cos == 0), as autograd's does.
+    active = (cos <= 1) & nonzero.unsqueeze(-1)
+    dist = half_qg.unsqueeze(-1) * (1 - cos).clamp_min(0)
+    wa = w * half_qg.unsqueeze(-1) * active
+
+    coef = (w * dist * gamma.to(acc) + wa * cos).sum(-1) * inv_q.square() + dd[:, 0] * inv_q
+    beta = -wa * inv_q.unsqueeze(-1) * inv_q_picked.unsqueeze(1)
+    dx, spread = torch.ops.fusedset.quality_fps_backward_spread.default(x, coef, beta, x_picked)
+    along_picks = (wa * cos).sum(1) * inv_q_picked.square()
+    into_picks = spread + along_picks.unsqueeze(-1) * x_picked + g_rows * has_pick
+    # The picked rows' share is added in the accumulation dtype (a no-op cast for float32).
+    dx = dx.to(acc).scatter_add_(1, picked.unsqueeze(-1).expand(batch, steps, channels), into_picks)
+    log_q = torch.where(nonzero, q_safe.log(), 0)
+    dgamma = (w * dist * log_q.unsqueeze(-1)).sum()
+    return dx.to(x.dtype), dgamma.to(gamma.dtype).reshape(gamma.shape)
+
+
+if _dispatch.extension_loaded():
+
+    @torch.library.register_fake("fusedset::quality_fps")
+    def _quality_fps_fake(x, gamma, k, lengths=None):
+        return x.new_empty((x.shape[0], min(k, x.shape[1])), dtype=torch.long)
+
+    @torch.library.register_fake("fusedset::quality_fps_select")
+    def _quality_fps_select_fake(x, gamma, noise, scale, tau, k, lengths=None):
+        batch, n, channels = x.shape
+        steps = min(k, n)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (
+            x.new_empty((batch, steps, channels)),
+            x.new_empty((batch, steps), dtype=torch.long),
+            x.new_empty((batch, steps, n), dtype=acc),
+            x.new_empty((batch, steps, n), dtype=torch.int32),
+        )
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, gamma, noise, scale, tau, _, _ = inputs
+        _, indices, logits, source = output
+        ctx.mark_non_differentiable(indices, logits, source)
+        ctx.save_for_backward(x, gamma, noise, indices, logits, source)
+        ctx.scale, ctx.tau = scale, tau
+
+    def _backward(ctx, grad_rows, *_):
+        x, gamma, noise, indices, logits, source = ctx.saved_tensors
+        dx, dgamma = select_backward(
+            grad_rows, x, gamma, noise, indices, logits, source, ctx.scale, ctx.tau
+        )
+        return dx, dgamma, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fusedset::quality_fps_select", _backward, setup_context=_setup_context
+    )
+
+    @torch.library.register_fake("fusedset::quality_fps_backward_dots")
+    def _backward_dots_fake(x, m):
+        return x.new_empty((*x.shape[:2], m.shape[1]), dtype=m.dtype), x.new_empty(
+            x.shape[:2], dtype=m.dtype
+        )
+
+    @torch.library.register_fake("fusedset::quality_fps_backward_spread")
+    def _backward_spread_fake(x, coef, beta, x_picked):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+            (x.shape[0], beta.shape[2], x.shape[2]), dtype=coef.dtype
+        )
+
+    # On CUDA the two sweeps are batched mat-mats, which cuBLAS runs near bandwidth.
+    torch.library.register_kernel(
+        "fusedset::quality_fps_backward_dots", "cuda", backward_dots_eager
+    )
+    torch.library.register_kernel(
+        "fusedset::quality_fps_backward_spread", "cuda", backward_spread_eager
+    )

@@ -1,0 +1,129 @@
+"""FaceCoresetNet's quality-aware farthest-point sampling as a plain eager loop.
+
+The semantics every kernel reproduces (see fusedset.ops.quality_fps for the contract):
+``d_0 = q`` (the norm); step t picks the row maximizing ``d_t * scale + g_t`` among the rows
+still available (valid under ``lengths``, not yet selected, norm > 0), the lowest index on ties;
+zero-norm rows come only when nothing else remains, in index order; then
+``d_{t+1} = min(d_t, q^gamma * max(0, 1 - cos(x_i, x_s)) / 2)`` over the new pick s, an equal
+new distance keeping the older one (which decides where the gradient of the minimum goes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _valid_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    positions = torch.arange(x.shape[1], device=x.device)
+    if lengths is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return positions < lengths.to(x.device)[:, None]
+
+
+def _valid_part(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """x in the accumulation dtype with padding zeroed: whatever padding holds (NaN included)
+    reaches neither the values nor the gradients."""
+    valid = _valid_rows(x, lengths).unsqueeze(-1)
+    return torch.where(valid, x.to(_accumulation_dtype(x)), 0)
+
+
+def _trace(x, k, gamma, scale, noise, lengths):
+    """Runs the selection with autograd-visible math. Yields per step the logit base d_t
+    (-inf where unavailable), the noise g_t and the picked index (-1 when nothing is left)."""
+    acc = _accumulation_dtype(x)
+    xf = _valid_part(x, lengths)
+    batch, n, _ = x.shape
+    steps = min(k, n)
+    gamma = torch.as_tensor(gamma, dtype=acc, device=x.device)
+    q = xf.norm(dim=-1)
+    available = _valid_rows(x, lengths)
+    bad = (~torch.isfinite(q) & available).nonzero()
+    if bad.numel():
+        b, i = bad[0].tolist()
+        raise ValueError(f"quality_fps: x[{b}, {i}] is not finite (NaN or inf in a valid row)")
+    nonzero = q > 0
+    # Stand-ins keep 1/q and q^gamma (and their gradients) finite on zero rows; where() then
+    # drops them.
+    q_safe = torch.where(nonzero, q, torch.ones_like(q))
+    inv_q = torch.where(nonzero, 1 / q_safe, torch.zeros_like(q))
+    half_qg = torch.where(nonzero, q_safe**gamma, torch.zeros_like(q)) / 2
+    lowest = torch.finfo(acc).min
+    rows = torch.arange(batch, device=x.device)
+    d = q
+    for t in range(steps):
+        base = torch.where(available & nonzero, d, float("-inf"))
+        g = torch.zeros_like(q) if noise is None else noise[:, t].to(acc)
+        score = torch.where(available & nonzero, base.detach() * scale + g, float("-inf"))
+        score = torch.where(available & ~nonzero, lowest, score)
+        best = score.argmax(dim=1)  # the first maximum: lowest index on ties
+        picked = torch.where(score[rows, best] > float("-inf"), best, -1)
+        yield base, g, picked
+        has = picked >= 0
+        available[rows[has], picked[has]] = False
+        u_s = xf[rows, picked.clamp_min(0)] * inv_q[rows, picked.clamp_min(0), None]
+        cos = torch.einsum("bnc,bc->bn", xf, u_s) * inv_q
+        dist = half_qg * (1 - cos).clamp_min(0)
+        d = dist if t == 0 else torch.where(dist < d, dist, d)
+
+
+def quality_fps(
+    x: torch.Tensor,
+    k: int,
+    gamma: float | torch.Tensor,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, N, C) -> (B, min(k, N)) int64 indices in selection order, -1 past a template's end."""
+    with torch.no_grad():
+        picks = [p for _, _, p in _trace(x, k, gamma, 1.0, None, lengths)]
+    if not picks:
+        return torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
+    return torch.stack(picks, dim=1)
+
+
+def selection_weights(
+    x: torch.Tensor,
+    k: int,
+    gamma: float | torch.Tensor,
+    tau: float = 1.0,
+    scale: float = 1.0,
+    noise: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_hard, y_soft), each (B, min(k, N), N): the one-hot picks and the differentiable
+    ``softmax((d_t * scale + g_t) / tau)`` per step (zeros at a step with no non-zero row left,
+    which has no soft path: its logits would all be -inf)."""
+    hard, soft = [], []
+    for base, g, picked in _trace(x, k, gamma, scale, noise, lengths):
+        logits = (base * scale + g) / tau
+        soft_step = torch.isfinite(logits).any(dim=1, keepdim=True)
+        y_soft = torch.softmax(torch.where(soft_step, logits, 0), dim=1)
+        soft.append(torch.where(soft_step, y_soft, 0))
+        y_hard = torch.zeros_like(y_soft)
+        has = picked >= 0
+        y_hard[has, picked[has]] = 1
+        hard.append(y_hard)
+    if not hard:
+        empty = x.new_zeros(x.shape[0], 0, x.shape[1], dtype=_accumulation_dtype(x))
+        return empty, empty
+    return torch.stack(hard, dim=1), torch.stack(soft, dim=1)
+
+
+def quality_fps_select(
+    x: torch.Tensor,
+    k: int,
+    gamma: float | torch.Tensor,
+    tau: float = 1.0,
+    scale: float = 1.0,
+    noise: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, N, C) -> (B, min(k, N), C) selected rows (zeros past a template's end), with
+    straight-through gradients through the soft weights: the ``gumbel_softmax(hard=True)`` of
+    FaceCoresetNet's training code, one step at a time."""
+    y_hard, y_soft = selection_weights(x, k, gamma, tau, scale, noise, lengths)
+    y = y_hard - y_soft.detach() + y_soft
+    return torch.einsum("btn,bnc->btc", y, _valid_part(x, lengths)).to(x.dtype)

@@ -1,0 +1,480 @@
+import pytest
+import torch
+
+import fusedset
+from fusedset import reference
+from fusedset.ops import quality_fps, quality_fps_select
+from fusedset.ops.quality_fps import backward_dots_eager, backward_spread_eager, gumbel_noise
+from fusedset.reference.quality_fps import selection_weights
+
+from .helpers import DEVICES, assert_rel_close
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (B, N, C, k): N = 1, N < k, k = N, a tail over the CPU kernel's 1024-row chunks.
+SHAPES = [(2, 1, 8, 3), (3, 2, 16, 3), (2, 5, 7, 5), (4, 40, 512, 3), (1, 2100, 33, 6)]
+
+
+def kernel(x, k, gamma, lengths=None):
+    """The compiled kernel itself: never the reference, whatever the dispatch would pick."""
+    return torch.ops.fusedset.quality_fps.default(x, _gamma(gamma, x), k, lengths)
+
+
+def select_kernel(x, k, gamma, noise, tau=1.0, scale=1.0, lengths=None):
+    return torch.ops.fusedset.quality_fps_select.default(
+        x, _gamma(gamma, x), noise, scale, tau, k, lengths
+    )
+
+
+def _gamma(gamma, x):
+    if isinstance(gamma, torch.Tensor):
+        return gamma
+    return torch.tensor(gamma, dtype=torch.float64, device=x.device)
+
+
+def features(shape, dtype=torch.float32, device="cpu", generator=None):
+    """Directions times qualities spread over [0.5, 3], as backbone embeddings are."""
+    b, n, c = shape
+    u = torch.nn.functional.normalize(torch.randn(b, n, c, generator=generator), dim=-1)
+    q = torch.empty(b, n, 1).uniform_(0.5, 3, generator=generator)
+    return (u * q).to(device=device, dtype=dtype)
+
+
+def noise_for(x, k):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return gumbel_noise((x.shape[0], min(k, x.shape[1]), x.shape[1]), acc, x.device)
+
+
+# ---------------------------------------------------------------- released FaceCoresetNet outputs
+
+
+def test_matches_released_facecoresetnet(fixtures_dir):
+    data = torch.load(fixtures_dir / "facecoresetnet_official.pt", weights_only=True)
+    for case in data["cases"]:
+        x = case["embeddings"] * case["norms"]
+        k, gamma = case["coreset_size"], case["gamma"]
+        assert torch.equal(kernel(x, k, gamma), case["selected_indices"])
+        assert torch.equal(reference.quality_fps(x, k, gamma), case["selected_indices"])
+        # The released eval form: Gumbel noise, logits scaled by 1e4, temperature 1e-10.
+        rows, idx, _, _ = select_kernel(x, k, gamma, noise_for(x, k), tau=1e-10, scale=1e4)
+        assert torch.equal(idx, case["selected_indices"])
+        assert torch.equal(rows, case["core_template"])
+        assert_rel_close(rows.mean(dim=1), case["fps_only_mean"], 1e-5)
+
+
+# ---------------------------------------------------------------- forward against the reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_indices_match_reference(shape, dtype, device):
+    b, n, c, k = shape
+    x = features((b, n, c), dtype, device)
+    for gamma in (0.0, 0.7, 2.0):
+        out = kernel(x, k, gamma)
+        assert out.dtype == torch.int64
+        assert out.shape == (b, min(k, n))
+        assert torch.equal(out, reference.quality_fps(x, k, gamma))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_select_forward_matches_reference(dtype, device):
+    x = features((3, 50, 24), dtype, device)
+    noise = noise_for(x, 4)
+    lengths = torch.tensor([50, 3, 20], device=device)
+    rows, idx, logits, source = select_kernel(x, 4, 0.5, noise, lengths=lengths)
+    expected = reference.quality_fps_select(x, 4, 0.5, 1.0, 1.0, noise, lengths)
+    assert rows.dtype == dtype
+    assert torch.equal(rows, expected)
+    gathered = x.gather(1, idx.clamp_min(0)[..., None].expand(-1, -1, 24))
+    assert torch.equal(rows, gathered * (idx[..., None] >= 0))
+    assert (idx[1, 3:] == -1).all()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert logits.dtype == acc
+    assert source.dtype == torch.int32
+    assert (source[:, 0] == -1).all()
+    assert torch.isneginf(logits[1, :, 3:]).all()
+
+
+def test_permutation_equivariance():
+    x = features((2, 300, 64))
+    perm = torch.randperm(300)
+    idx = kernel(x, 7, 1.3)
+    assert torch.equal(kernel(x[:, perm], 7, 1.3), perm.argsort()[idx])
+
+
+def test_select_and_its_gradient_are_permutation_equivariant():
+    x = features((2, 80, 16), torch.float64)
+    noise = noise_for(x, 4)
+    perm = torch.randperm(80)
+    grad = torch.randn(2, 4, 16, dtype=torch.float64)
+    outputs = []
+    for xp, gp in ((x, noise), (x[:, perm], noise[:, :, perm])):
+        xp = xp.clone().requires_grad_()
+        rows = quality_fps_select(xp, 4, 0.9, noise=gp)
+        (dx,) = torch.autograd.grad(rows, xp, grad)
+        outputs.append((rows, dx))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    torch.testing.assert_close(outputs[1][1], outputs[0][1][:, perm])
+
+
+def test_lengths_match_separate_templates():
+    x = features((3, 30, 16))
+    lengths = torch.tensor([30, 4, 0])
+    out = kernel(x, 6, 0.5, lengths)
+    assert torch.equal(out[0], kernel(x[:1], 6, 0.5)[0])
+    assert torch.equal(out[1, :4], kernel(x[1:2, :4], 6, 0.5)[0])
+    assert (out[1, 4:] == -1).all()
+    assert (out[2] == -1).all()
+    x_padded = x.clone()
+    x_padded[1, 4:] = 1e3  # padding is never read for selection: large rows change nothing
+    x_padded[1, 5] = float("nan")
+    assert torch.equal(kernel(x_padded, 6, 0.5, lengths), out)
+    assert torch.equal(reference.quality_fps(x_padded, 6, 0.5, lengths), out)
+
+
+def test_ties_go_to_the_lowest_index_and_rows_are_picked_once():
+    x = features((1, 6, 8))
+    x[0, 1] *= 10 / x[0, 1].norm()  # the largest norm, duplicated at 4 and 5
+    x[0, 4:] = x[0, 1]
+    out = kernel(x, 6, 1.0)
+    assert out[0, 0] == 1
+    assert sorted(out[0].tolist()) == list(range(6))
+    # 4 and 5 are at distance 0 from 1: picked last, the lower index first.
+    assert out[0, -2:].tolist() == [4, 5]
+    assert torch.equal(out, reference.quality_fps(x, 6, 1.0))
+
+
+def test_gamma_zero_is_plain_cosine_fps():
+    x = features((2, 60, 32))
+    out = kernel(x, 5, 0.0)
+    u = torch.nn.functional.normalize(x, dim=-1)
+    for b in range(2):
+        picks = [int(x[b].norm(dim=-1).argmax())]
+        d = torch.full((60,), float("inf"))
+        for _ in range(4):
+            d = torch.minimum(d, (1 - u[b] @ u[b, picks[-1]]) / 2)
+            d[picks] = -1
+            picks.append(int(d.argmax()))
+        assert out[b].tolist() == picks
+
+
+def test_zero_norm_rows_come_last_without_nans():
+    x = features((1, 7, 8))
+    x[0, [1, 4]] = 0
+    out = kernel(x, 7, 0.8)
+    assert out[0, -2:].tolist() == [1, 4]
+    assert torch.equal(out, reference.quality_fps(x, 7, 0.8))
+    noise = noise_for(x, 7)
+    x.requires_grad_()
+    rows, _, logits, _ = select_kernel(x, 7, 0.8, noise)
+    assert torch.isfinite(rows).all()
+    assert torch.isneginf(logits[0, :, [1, 4]]).all()
+    rows.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    only_zeros = torch.zeros(1, 3, 8)
+    assert kernel(only_zeros, 2, 1.0).tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rows_are_a_clear_error(bad):
+    x = features((2, 9, 8))
+    x[1, 6, 3] = bad
+    with pytest.raises(ValueError, match=r"quality_fps: x\[1, 6\] is not finite"):
+        kernel(x, 3, 1.0)
+    with pytest.raises(ValueError, match=r"x\[1, 6\] is not finite"):
+        quality_fps(x, 3, 1.0)
+    with fusedset.force_reference(), pytest.raises(ValueError, match=r"x\[1, 6\] is not finite"):
+        quality_fps(x, 3, 1.0)
+
+
+def test_empty_inputs():
+    assert kernel(torch.randn(0, 5, 4), 3, 1.0).shape == (0, 3)
+    assert kernel(torch.randn(2, 0, 4), 3, 1.0).shape == (2, 0)
+    rows = quality_fps_select(torch.randn(2, 0, 4, requires_grad=True), 3, 1.0)
+    assert rows.shape == (2, 0, 4)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _reference_grads(x, gamma, noise, k, tau, scale, lengths, grad):
+    x64 = x.detach().double().requires_grad_()
+    g64 = torch.tensor(float(gamma), dtype=torch.float64, requires_grad=True)
+    out = reference.quality_fps_select(x64, k, g64, tau, scale, noise.double(), lengths)
+    return torch.autograd.grad(out, (x64, g64), grad.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tau", "scale"), [(1.0, 1.0), (0.5, 3.0)])
+def test_straight_through_gradients_match_eager(dtype, tau, scale, device):
+    x = features((3, 30, 16), dtype, device)
+    x[0, 7] = 0
+    x[1, 2:] = float("nan")  # padding: reaches no value and no gradient
+    lengths = torch.tensor([30, 2, 17], device=device)
+    noise = noise_for(x, 4)
+    gamma_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gamma = torch.tensor(0.6, dtype=gamma_dtype, device=device, requires_grad=True)
+    x.requires_grad_()
+    out = quality_fps_select(x, 4, gamma, tau, scale, noise=noise, lengths=lengths)
+    grad = torch.randn_like(out)
+    dx, dgamma = torch.autograd.grad(out, (x, gamma), grad)
+    ex, egamma = _reference_grads(x, gamma.item(), noise, 4, tau, scale, lengths, grad)
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+    assert dx.dtype == dtype
+    assert_rel_close(dx, ex, rtol)
+    assert_rel_close(dgamma, egamma, rtol if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 3), (1, 4, 3, 4), (2, 1, 3, 2)])
+def test_gradcheck_float64(shape):
+    """The straight-through gradient is the exact derivative of the surrogate
+    F(x, gamma) = y_hard^T x + y_soft(x, gamma)^T x0 at x = x0 (the picks held fixed), whose
+    value gradcheck differentiates numerically while the op supplies the analytical side."""
+    b, n, c, k = shape
+    x = features((b, n, c), torch.float64)
+    x[0, -1] *= 2  # distinct norms: the first pick does not flip under the finite differences
+    x0 = x.clone()
+    x.requires_grad_()
+    gamma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    noise = noise_for(x, k)
+
+    def fn(x, gamma):
+        rows = select_kernel(x, k, gamma, noise, tau=0.7, scale=2.0)[0]
+        y_hard, y_soft = selection_weights(x, k, gamma, 0.7, 2.0, noise)
+        surrogate = torch.einsum("btn,bnc->btc", y_hard, x) + torch.einsum(
+            "btn,bnc->btc", y_soft, x0
+        )
+        return rows - rows.detach() + surrogate.detach()
+
+    assert torch.autograd.gradcheck(fn, (x, gamma))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 2100, 33, 2), (2, 0, 4, 1)])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_backward_sweeps_match_torch(shape, dtype, device):
+    b, n, c, k = shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = features((b, n, c), dtype, device)
+    m = torch.randn(b, 2 * k, c, dtype=acc, device=device)
+    coef = torch.randn(b, n, dtype=acc, device=device)
+    beta = torch.randn(b, n, k, dtype=acc, device=device)
+    x_picked = torch.randn(b, k, c, dtype=acc, device=device)
+    if n > 1:  # an untouched row is not read: NaN there changes nothing
+        x[:, 1] = float("nan")
+        coef[:, 1] = 0
+        beta[:, 1] = 0
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    dots, q = torch.ops.fusedset.quality_fps_backward_dots.default(x, m)
+    e_dots, e_q = backward_dots_eager(x.double(), m.double())
+    assert dots.isnan().any() == (n > 1)  # dots do read every row
+    assert dots.dtype == acc
+    assert_rel_close(dots, e_dots, rtol)
+    assert_rel_close(q, e_q, rtol)
+    dx, into = torch.ops.fusedset.quality_fps_backward_spread.default(x, coef, beta, x_picked)
+    e_dx, e_into = backward_spread_eager(
+        x.double(), coef.double(), beta.double(), x_picked.double()
+    )
+    assert dx.dtype == dtype
+    assert not dx.isnan().any()
+    assert not into.isnan().any()
+    assert_rel_close(dx, e_dx, rtol if dtype in (torch.float32, torch.float64) else 1e-2)
+    assert_rel_close(into, e_into, rtol)
+    x = x.nan_to_num()  # opcheck compares outputs with ==
+    torch.library.opcheck(torch.ops.fusedset.quality_fps_backward_dots.default, (x, m))
+    torch.library.opcheck(
+        torch.ops.fusedset.quality_fps_backward_spread.default, (x, coef, beta, x_picked)
+    )
+
+
+# ---------------------------------------------------------------- torch.library integration
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = features((2, 10, 6), device=device).requires_grad_()
+    gamma = torch.tensor(0.5, device=device, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, None))
+    lengths = torch.tensor([10, 4], device=device)
+    torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, lengths))
+    gamma_g = torch.tensor(0.5, device=device, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.fusedset.quality_fps_select.default,
+        (x, gamma_g, noise_for(x, 3), 1.0, 1.0, 3, lengths),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    noise = torch.zeros(2, 3, 12, device=device)
+
+    def energy(x, gamma):
+        return quality_fps_select(torch.relu(x), 3, gamma, noise=noise).square().sum()
+
+    compiled = torch.compile(energy, fullgraph=True, backend="aot_eager")
+    x = features((2, 12, 8), device=device).requires_grad_()
+    gamma = torch.tensor(0.5, device=device, requires_grad=True)
+    value = compiled(x, gamma)
+    dx, dgamma = torch.autograd.grad(value, (x, gamma))
+    with fusedset.force_reference():
+        expected = energy(x, gamma)
+    ex, egamma = torch.autograd.grad(expected, (x, gamma))
+    assert_rel_close(value.detach(), expected.detach(), 1e-5)
+    assert_rel_close(dx, ex, 1e-5)
+    assert_rel_close(dgamma, egamma, 1e-5)
+    indices = torch.compile(lambda x: quality_fps(x, 3, 0.5), fullgraph=True)(x.detach())
+    assert torch.equal(indices, reference.quality_fps(x.detach(), 3, 0.5))
+
+
+def test_public_ops_run_the_kernel_and_the_switch_runs_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "quality_fps", lambda *a: calls.append(a) or None)
+    x = features((2, 9, 4))
+    assert quality_fps(x, 3, 1.0).shape == (2, 3)
+    assert calls == []
+    with fusedset.force_reference():
+        quality_fps(x, 3, 1.0)
+    assert len(calls) == 1
+
+
+def test_generator_makes_the_draw_reproducible():
+    x = features((2, 50, 8))
+    a = quality_fps_select(x, 4, 1.0, generator=torch.Generator().manual_seed(3))
+    b = quality_fps_select(x, 4, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda x: quality_fps(x[0], 3, 1.0), ValueError, r"quality_fps: x must have 3 dimensions"),
+        (lambda x: quality_fps(x.long(), 3, 1.0), TypeError, r"x must have dtype"),
+        (lambda x: quality_fps(x, 0, 1.0), ValueError, r"k must be a positive int, got 0"),
+        (lambda x: quality_fps(x, 2.0, 1.0), ValueError, r"k must be a positive int"),
+        (lambda x: quality_fps(x, 3, "1"), TypeError, r"gamma must be a float"),
+        (
+            lambda x: quality_fps(x, 3, torch.ones(2)),
+            TypeError,
+            r"gamma must be a float or a one-element float tensor",
+        ),
+        (
+            lambda x: quality_fps(x, 3, 1.0, torch.tensor([1.0, 2.0])),
+            TypeError,
+            r"lengths must have dtype",
+        ),
+        (
+            lambda x: quality_fps(x, 3, 1.0, torch.tensor([1, 2, 3])),
+            ValueError,
+            r"lengths must have shape \(2,\)",
+        ),
+        (
+            lambda x: quality_fps(x, 3, 1.0, torch.tensor([1, 6])),
+            ValueError,
+            r"lengths must lie in \[0, N = 5\]",
+        ),
+        (
+            lambda x: quality_fps_select(x, 3, 1.0, tau=0.0),
+            ValueError,
+            r"quality_fps_select: tau must be positive",
+        ),
+        (
+            lambda x: quality_fps_select(x, 3, 1.0, noise=torch.zeros(2, 2, 5)),
+            ValueError,
+            r"noise must have shape \(2, 3, 5\)",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(torch.randn(2, 5, 4))
+
+
+# ---------------------------------------------------------------- Triton, under TRITON_INTERPRET=1
+
+
+@pytest.fixture
+def triton_select():
+    pytest.importorskip("triton")
+    from fusedset.triton_kernels.quality_fps import select
+
+    return select
+
+
+TRITON_SHAPES = [(2, 1, 8, 3), (3, 5, 7, 5), (2, 40, 33, 3), (1, 150, 16, 4)]
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
+    b, n, c, k = shape
+    x = features((b, n, c), dtype)
+    x[0, n // 2] = 0
+    lengths = torch.tensor([n] + [max(0, n - 3)] * (b - 1))
+    gamma = torch.tensor(0.7, dtype=torch.float64)
+    noise = noise_for(x, k)
+    idx, logits, source = triton_select(
+        x, gamma, k, lengths, noise=noise, scale=2.0, record=True, on_chip=on_chip
+    )
+    _, e_idx, e_logits, e_source = select_kernel(x, k, gamma, noise, scale=2.0, lengths=lengths)
+    assert torch.equal(idx, e_idx)
+    assert torch.equal(source, e_source)
+    assert logits.dtype == e_logits.dtype
+    assert torch.equal(logits.isneginf(), e_logits.isneginf())
+    finite = ~e_logits.isneginf()
+    assert_rel_close(logits[finite], e_logits[finite], 1e-5 if dtype != torch.float64 else 1e-12)
+    plain, none_logits, none_source = triton_select(x, gamma, k, lengths, on_chip=on_chip)
+    assert none_logits is None
+    assert none_source is None
+    assert torch.equal(plain, reference.quality_fps(x, k, gamma, lengths))
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+def test_triton_matches_released_facecoresetnet(triton_select, fixtures_dir, on_chip):
+    data = torch.load(fixtures_dir / "facecoresetnet_official.pt", weights_only=True)
+    for case in data["cases"]:
+        x = case["embeddings"] * case["norms"]
+        gamma = torch.tensor(case["gamma"], dtype=torch.float64)
+        idx, _, _ = triton_select(x, gamma, case["coreset_size"], on_chip=on_chip)
+        assert torch.equal(idx, case["selected_indices"])
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+def test_triton_ties_zero_rows_and_nan(triton_select, on_chip):
+    gamma = torch.tensor(1.0, dtype=torch.float64)
+    x = features((1, 7, 8))
+    x[0, 1] *= 10 / x[0, 1].norm()
+    x[0, 5:] = x[0, 1]
+    x[0, 3] = 0
+    idx, _, _ = triton_select(x, gamma, 7, on_chip=on_chip)
+    assert idx[0, 0] == 1
+    assert idx[0, -3:].tolist() == [5, 6, 3]
+    assert torch.equal(idx, reference.quality_fps(x, 7, gamma))
+    x[0, 4, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"quality_fps: x\[0, 4\] is not finite"):
+        triton_select(x, gamma, 3, on_chip=on_chip)
+
+
+def test_triton_ties_across_blocks_and_pick_chunks(triton_select, monkeypatch):
+    """Equal scores in different sweep blocks, and in different chunks of the pick reduction
+    (shrunk so 600 rows span three): the lowest index wins, as in one sequential scan."""
+    from fusedset.triton_kernels import quality_fps as kernels
+
+    monkeypatch.setattr(kernels, "PICK_BLOCK", 4)
+    x = features((1, 600, 4))
+    v = x[0, 0] / x[0, 0].norm()
+    x[0, [5, 300, 590]] = 10 * v
+    x[0, [100, 400]] = -5 * v
+    gamma = torch.tensor(1.0, dtype=torch.float64)
+    expected = reference.quality_fps(x, 3, gamma)
+    assert expected[0, :2].tolist() == [5, 100]
+    idx, _, _ = triton_select(x, gamma, 3, on_chip=False)
+    assert torch.equal(idx, expected)
+    assert torch.equal(kernel(x, 3, gamma), expected)

@@ -37,6 +37,7 @@ class Case:
     impls: dict[str, Callable]
     bytes_moved: dict[str, float] = field(default_factory=dict)
     backward: bool = True  # also time forward+backward
+    forward_only: tuple[str, ...] = ()  # impls without a backward (e.g. integer outputs)
     repeats: int = 7
     series: str = ""  # cases of one op that form separate lines in the plot (e.g. a layout)
 

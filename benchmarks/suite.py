@@ -65,6 +65,8 @@ def measure(case: Case, device: str, progress) -> list[Measurement]:
     for pass_ in PASSES if case.backward else PASSES[:1]:
         args = inputs if pass_ == "forward" else _with_grad(inputs)
         for impl, fn in case.impls.items():
+            if pass_ != "forward" and impl in case.forward_only:
+                continue
             progress.set_postfix_str(f"{case.op} {case.label} {impl} {pass_}", refresh=True)
             call = fn if pass_ == "forward" else forward_backward(fn)
             if device == "cuda":
@@ -191,7 +193,9 @@ def run(names: Sequence[str], device: str, mode: str, out: Path) -> dict:
         flush=True,
     )
     total = sum(
-        len(c.impls) * (2 if c.backward else 1) for case_list in cases.values() for c in case_list
+        len(c.impls) + (len(c.impls) - len(c.forward_only) if c.backward else 0)
+        for case_list in cases.values()
+        for c in case_list
     )
     rows: list[Measurement] = []
     with tqdm(total=total, unit="timing", file=sys.stderr, dynamic_ncols=True) as progress:

@@ -181,7 +181,7 @@ def test_folded_attention_dropout_acts_in_train_mode_only():
 # -- FaceCoresetNet against the released outputs ------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_size", [4096, 7])
+@pytest.mark.parametrize("chunk_size", [1024, 7])
 @torch.no_grad()
 def test_matches_released_outputs(released, chunk_size):
     for index, case in enumerate(released["cases"]):
@@ -242,7 +242,7 @@ def test_from_official_layouts_and_key_errors(released, tmp_path):
 # -- FaceCoresetNet against the reference module ------------------------------------------------
 
 
-@pytest.mark.parametrize(("n", "chunk_size", "k"), [(1, 4096, 3), (50, 4096, 3), (300, 64, 5)])
+@pytest.mark.parametrize(("n", "chunk_size", "k"), [(1, 1024, 3), (50, 1024, 3), (300, 64, 5)])
 @torch.no_grad()
 def test_matches_reference_module(n, chunk_size, k):
     reference, fast = _pair(coreset_size=k, chunk_size=chunk_size)

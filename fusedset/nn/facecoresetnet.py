@@ -2,8 +2,11 @@
 
 Same parameters, state dict and outputs as `fusedset.reference.FaceCoresetNetReference`; the
 cross-attention of the core template over the whole template runs in the folded form
-(`folded_cross_attention`): O(N C) instead of O(N C^2), in chunks of N with bounded memory, and
-its keys `template + enc(norms)` are built chunk by chunk, never at full N.
+(`folded_cross_attention`): O(N C) instead of O(N C^2), in chunks of N with bounded memory. Its
+keys `template + enc(norms)` are never built: the norm encoding (a LayerNorm of a sinusoid) is
+scored directly from the sinusoid's angles (`_norm_encoding_scores`).
+
+Selection goes through `_select_core`, for now the eager `select_core_template`.
 """
 
 from __future__ import annotations

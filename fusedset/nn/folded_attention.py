@@ -2,7 +2,7 @@
 into the queries (GUIDE section 1), so that the N keys and values are never projected.
 
 Per query q and head h, with W^h the head's rows of a projection:
-    score_i = (q W_q^h + b_q^h) . (W_k^h k_i + b_k^h) / sqrt(d)
+    score_i = (W_q^h q + b_q^h) . (W_k^h k_i + b_k^h) / sqrt(d)
             = u^{qh} . k_i + const,   u^{qh} = (W_k^h)^T (W_q^h q + b_q^h) / sqrt(d)
 (the constant is the same for every i and cancels in the softmax over i), and
     sum_i a_i (W_v^h v_i + b_v^h) = W_v^h (sum_i a_i v_i) + b_v^h sum_i a_i.
@@ -25,7 +25,7 @@ from torch import nn
 # `key + e` whose e (a function of a few numbers per key) is cheaper to score than to build.
 KeyOffset: TypeAlias = Callable[[torch.Tensor, int, int], torch.Tensor]
 
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 1024
 
 
 def folded_cross_attention(

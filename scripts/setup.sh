@@ -4,13 +4,13 @@
 # sources, the build files or torch changed.
 #   FUSEDSET_VENV    where the environment lives (default: .venv in the checkout)
 #   FUSEDSET_TORCH   the torch to install (default: torch==2.14.1, the CUDA 13.0 build)
-#   FUSEDSET_EXTRAS  the optional dependencies to install (default: test,bench)
+#   FUSEDSET_EXTRAS  the optional dependencies to install (default: test,bench,eval)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FUSEDSET_VENV:-$ROOT/.venv}
 TORCH_SPEC=${FUSEDSET_TORCH:-torch==2.14.1}
-EXTRAS=${FUSEDSET_EXTRAS:-test,bench}
+EXTRAS=${FUSEDSET_EXTRAS:-test,bench,eval}
 
 # This machine's pip configuration lists local package folders that do not all exist; pip warns
 # about each of them on every call. Drop only those lines.

@@ -123,9 +123,11 @@ def test_folded_attention_key_offset_is_an_additive_key_term():
     query, key, value = torch.randn(2, 3, 32), torch.randn(2, 50, 32), torch.randn(2, 50, 32)
     extra = torch.randn(2, 50, 32)
 
-    def offset(folded, start, stop):
+    def offset(folded):
         # Plus a constant per (b, r): it must cancel in the softmax over the keys.
-        return extra[:, start:stop] @ folded.transpose(1, 2) + folded.sum(-1)[:, None] * 5
+        return lambda start, stop: (
+            extra[:, start:stop] @ folded.transpose(1, 2) + folded.sum(-1)[:, None] * 5
+        )
 
     expected = attention(query, key + extra, value, need_weights=False)[0]
     actual = folded_cross_attention(query, key, value, attention, chunk_size=16, key_offset=offset)

@@ -4,7 +4,7 @@ Same parameters, state dict and outputs as `fusedset.reference.FaceCoresetNetRef
 cross-attention of the core template over the whole template runs in the folded form
 (`folded_cross_attention`): O(N C) instead of O(N C^2), in chunks of N with bounded memory. Its
 keys `template + enc(norms)` are never built: the norm encoding (a LayerNorm of a sinusoid) is
-scored directly from the sinusoid's angles (`_norm_encoding_scores`).
+scored directly from the sinusoid's angles (`_norm_encoding_scorer`).
 
 Selection goes through `_select_core`, for now the eager `select_core_template`.
 """
@@ -12,6 +12,7 @@ Selection goes through `_select_core`, for now the eager `select_core_template`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -181,32 +182,41 @@ class FaceCoresetNet(FaceCoresetNetReference):
         )[0]
         query = layer.norm1(query + layer.dropout1(attended))
 
-        def key_offset(folded: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            return self._norm_encoding_scores(folded, template_norms[:, start:stop])
+        def key_offset(folded: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+            return self._norm_encoding_scorer(folded, template_norms)
 
         attended = folded_cross_attention(
             query, template, template, layer.multihead_attn1, lengths, self.chunk_size, key_offset
         )
         return core + layer.norm2(core + layer.dropout2(attended))
 
-    def _norm_encoding_scores(self, folded: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """folded (B, R, C) . norm_encoding(norms (B, n)) -> (B, n, R), less folded . bias of the
-        LayerNorm (the same for every key), without building the (B, n, C) encoding.
+    def _norm_encoding_scorer(
+        self, folded: torch.Tensor, norms: torch.Tensor
+    ) -> Callable[[int, int], torch.Tensor]:
+        """folded (B, R, C), norms (B, N) -> a function (start, stop) -> (B, stop - start, R):
+        folded . norm_encoding(norms[:, start:stop]) less folded . bias of the LayerNorm (the
+        same for every key), without building the (B, n, C) encoding.
 
         The encoding is LayerNorm(s) of s = (sin a_k, cos a_k) over channel pairs k, so
         u . LN(s) = rstd (sum_k (ug)_2k sin a_k + (ug)_2k+1 cos a_k - mean(s) sum_c (ug)_c) + u . b
         with g, b the LayerNorm's weight and bias, and var(s) = 1/2 - mean(s)^2 since each pair
-        has sin^2 + cos^2 = 1: two matmuls over the angles instead of a LayerNorm over N x C."""
+        has sin^2 + cos^2 = 1: one matmul over the angles' sines and cosines instead of a
+        LayerNorm over N x C."""
         width = self.embedding_size
-        angles = sinusoid_angles(norms * (2 * math.pi), width)
         scaled = folded * self.pos_trans_norm.weight
-        # A last column of 1/C turns the same matmuls into the mean of s.
-        weights = torch.cat([scaled, scaled.new_full((scaled.shape[0], 1, width), 1 / width)], 1)
-        sums = angles.sin() @ weights[..., 0::2].transpose(1, 2)
-        sums = sums + angles.cos() @ weights[..., 1::2].transpose(1, 2)
-        dot, mean = sums[..., :-1], sums[..., -1:]
-        rstd = torch.rsqrt(0.5 - mean.square() + self.pos_trans_norm.eps)
-        return (dot - mean * scaled.sum(dim=-1)[:, None]) * rstd
+        # A last row of 1/C turns the same matmul into the mean of s.
+        rows = torch.cat([scaled, scaled.new_full((scaled.shape[0], 1, width), 1 / width)], 1)
+        weights = torch.cat([rows[..., 0::2], rows[..., 1::2]], dim=-1).transpose(1, 2)
+        totals = scaled.sum(dim=-1)[:, None]
+        eps = self.pos_trans_norm.eps
+
+        def scores(start: int, stop: int) -> torch.Tensor:
+            angles = sinusoid_angles(norms[:, start:stop] * (2 * math.pi), width)
+            sums = torch.cat([angles.sin(), angles.cos()], dim=-1) @ weights
+            dot, mean = sums[..., :-1], sums[..., -1:]
+            return (dot - mean * totals) * torch.rsqrt(0.5 - mean.square() + eps)
+
+        return scores
 
     def _fuse(
         self,

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Given the folded queries u (B, R, C) (R = queries x heads) and a range of keys, the scores
-# u . e_i (B, stop - start, R) of an additive key term e_i, up to a constant per (b, r): keys
-# `key + e` whose e (a function of a few numbers per key) is cheaper to score than to build.
-KeyOffset: TypeAlias = Callable[[torch.Tensor, int, int], torch.Tensor]
+# For keys `key + e` whose e (a function of a few numbers per key) is cheaper to score than to
+# build: given the folded queries u (B, R, C) (R = queries x heads), a function of a range of
+# keys (start, stop) -> the scores u . e_i (B, stop - start, R), up to a constant per (b, r).
+KeyOffset: TypeAlias = Callable[[torch.Tensor], Callable[[int, int], torch.Tensor]]
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -61,6 +61,7 @@ def folded_cross_attention(
         "bqhd,hdc->bqhc", projected * head_dim**-0.5, w_k.view(heads, head_dim, width)
     ).reshape(batch, num_queries * heads, width)
     folded_t = folded.transpose(1, 2)
+    offset_scores = None if key_offset is None else key_offset(folded)
 
     # Scores are laid out (B, keys, R) so that a chunk's rows stay contiguous.
     running_max = running_sum = weighted = value_mass = None
@@ -68,8 +69,8 @@ def folded_cross_attention(
         stop = min(start + chunk_size, num_keys)
         values = value[:, start:stop]
         scores = key[:, start:stop] @ folded_t
-        if key_offset is not None:
-            scores = scores + key_offset(folded, start, stop)
+        if offset_scores is not None:
+            scores = scores + offset_scores(start, stop)
         if lengths is not None:
             padded = torch.arange(start, stop, device=value.device) >= lengths[:, None]
             if bool(padded.any()):

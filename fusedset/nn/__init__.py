@@ -10,11 +10,15 @@ from fusedset.nn.checkpoints import (
     load_facecoresetnet_reference,
     read_state_dict,
 )
+from fusedset.nn.facecoresetnet import FaceCoresetNet
+from fusedset.nn.folded_attention import folded_cross_attention
 
 __all__ = [
     "CheckpointKeyError",
+    "FaceCoresetNet",
     "caface_state_dict",
     "facecoresetnet_state_dict",
+    "folded_cross_attention",
     "load_caface_reference",
     "load_checked",
     "load_facecoresetnet_reference",

@@ -11,8 +11,15 @@ def sinusoidal_encoding(
     in at least fp32 whatever the input dtype, as the released FaceCoresetNet does: angles reach
     hundreds of radians there, and a half-precision frequency would move every channel.
     """
+    angles = sinusoid_angles(positions, dim, temperature)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+def sinusoid_angles(
+    positions: torch.Tensor, dim: int, temperature: float = 10000.0
+) -> torch.Tensor:
+    """positions (...) -> (..., dim // 2): the angle p / T^(2k / dim) of channel pair k."""
     dtype = torch.promote_types(positions.dtype, torch.float32)
-    channel = torch.arange(dim, dtype=dtype, device=positions.device)
-    frequency_divisor = temperature ** (2 * torch.div(channel, 2, rounding_mode="floor") / dim)
-    angles = positions.to(dtype)[..., None] / frequency_divisor
-    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+    pair = torch.arange(dim // 2, dtype=dtype, device=positions.device)
+    frequency_divisor = temperature ** (2 * pair / dim)
+    return positions.to(dtype)[..., None] / frequency_divisor

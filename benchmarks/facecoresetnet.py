@@ -1,0 +1,191 @@
+"""FaceCoresetNet (fusedset.nn) against the released-style eager module (the reference), fp32,
+no_grad, one template of N frames: the whole module, and the decoder alone (the cross-attention
+with its key encoding: what the folded form replaces). Both whole modules still run the eager
+selection until fusedset.ops.quality_fps replaces it in fusedset's; the "selection" series times
+it alone. The decoder at N = 1e6 runs fusedset's only (full mode). Its peak extra memory at
+N = 1e5 and 1e6 is measured in a fresh process per N (`python -m fusedset.bench.facecoresetnet
+N`): within the suite's process, memory freed by earlier calls is reused and shows as 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fusedset.bench.common import Case, Measurement, h100_roofline_s
+from fusedset.nn import FaceCoresetNet
+from fusedset.reference import FaceCoresetNetReference
+
+EXPECTED_SECONDS = {"smoke": 5, "quick": 60, "full": 300}
+WIDTH = 512
+TARGET_N = 100_000
+MEMORY_N = 1_000_000
+TARGET_SPEEDUP = 20.0
+FAST, EAGER = "fusedset", "released-style eager"
+
+
+def _template(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit directions (1, N, C) and norms (1, N, 1) in the range of face-feature norms, built in
+    place: no temporary larger than the template."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.empty(1, n, WIDTH).normal_(generator=generator)
+    embeddings /= torch.linalg.vector_norm(embeddings, dim=-1, keepdim=True)
+    norms = torch.empty(1, n, 1).uniform_(5, 40, generator=generator)
+    return embeddings, norms
+
+
+def _decoder_inputs(eager: FaceCoresetNetReference, n: int, seed: int) -> tuple:
+    """(core, template, norms): the decoder's inputs, the template built in place."""
+    template, norms = _template(n, seed)
+    template *= norms
+    norms = norms.squeeze(-1)
+    with torch.no_grad():
+        core = eager.select(template, norms).features
+    return core, template, norms
+
+
+def _no_grad(fn: Callable) -> Callable:
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
+
+
+def _models() -> tuple[FaceCoresetNetReference, FaceCoresetNet]:
+    torch.manual_seed(0)
+    eager = FaceCoresetNetReference().eval()
+    fast = FaceCoresetNet().eval()
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast
+
+
+def _cases(n: int, repeats: int, parts: tuple[str, ...]) -> list[Case]:
+    eager, fast = _models()
+    x_bytes = 4 * n * WIDTH
+    make = {
+        "whole module": lambda device: [_template(n, seed) for seed in range(2)],
+        "decoder": lambda device: [_decoder_inputs(eager, n, seed) for seed in range(2)],
+        "selection": lambda device: [_decoder_inputs(eager, n, seed)[1:] for seed in range(2)],
+    }
+    impls = {
+        "whole module": {FAST: _no_grad(fast), EAGER: _no_grad(eager)},
+        "decoder": {FAST: _no_grad(fast.refine), EAGER: _no_grad(eager.refine)},
+        # the eager selection fusedset's module shares for now, timed alone
+        "selection": {EAGER: _no_grad(eager.select)},
+    }
+    # the floor: K = 3 selection passes and one attention pass over X; the decoder one pass
+    floors = {"whole module": 4 * x_bytes, "decoder": x_bytes, "selection": 3 * x_bytes}
+    return [
+        Case(
+            op="facecoresetnet",
+            label=f"N={n} {part}",
+            size=n,
+            make_inputs=make[part],
+            impls=impls[part],
+            bytes_moved={"forward": floors[part]},
+            backward=False,
+            repeats=repeats,
+            series=part,
+        )
+        for part in parts
+    ]
+
+
+def _memory_case() -> Case:
+    """fusedset's decoder alone at N = 1e6 (the eager one would need several GB and minutes),
+    one input: two 2 GB templates would not add anything."""
+    eager, fast = _models()
+    return Case(
+        op="facecoresetnet",
+        label=f"N={MEMORY_N} decoder",
+        size=MEMORY_N,
+        make_inputs=lambda device: [_decoder_inputs(eager, MEMORY_N, 0)],
+        impls={FAST: _no_grad(fast.refine)},
+        bytes_moved={"forward": 4 * MEMORY_N * WIDTH},
+        backward=False,
+        repeats=1,
+        series="decoder",
+    )
+
+
+def cases(mode: str) -> list[Case]:
+    if mode == "smoke":
+        return _cases(1_000, 3, ("whole module", "decoder"))
+    if mode == "quick":
+        # one timed call at N = 1e5, where the eager module takes seconds
+        return [
+            *_cases(10_000, 3, ("whole module", "decoder")),
+            *_cases(TARGET_N, 1, ("whole module", "decoder")),
+        ]
+    parts = ("whole module", "decoder", "selection")
+    return [
+        *_cases(1_000, 7, parts),
+        *_cases(10_000, 7, parts),
+        *_cases(TARGET_N, 3, parts),
+        _memory_case(),
+    ]
+
+
+def summary(rows: list[Measurement]) -> list[str]:
+    by_key = {(r.case, r.impl): r for r in rows}
+    lines = []
+    whole = by_key.get((f"N={TARGET_N} whole module", FAST))
+    if whole is not None:
+        ratio = by_key[(whole.case, EAGER)].median_s / whole.median_s
+        decoder = by_key[(f"N={TARGET_N} decoder", FAST)]
+        decoder_ratio = by_key[(decoder.case, EAGER)].median_s / decoder.median_s
+        status = "met" if ratio >= TARGET_SPEEDUP else "MISSED"
+        lines.append(
+            f"target: whole module {ratio:.1f}x faster than the released-style module at N = "
+            f"{TARGET_N:,} (goal >= {TARGET_SPEEDUP:.0f}x): {status}; the decoder alone "
+            f"{decoder_ratio:.1f}x. fusedset's module still runs the eager selection."
+        )
+    if any(r.size >= TARGET_N for r in rows):
+        peaks = {n: fresh_process_peak_mib(n) for n in (TARGET_N, MEMORY_N)}
+        lines.append(
+            "fusedset decoder, peak extra memory in a fresh process: "
+            + ", ".join(f"N = {n:,}: {mib:.1f} MiB" for n, mib in peaks.items())
+            + f" (the template at N = {MEMORY_N:,} is {4 * MEMORY_N * WIDTH / 2**20:,.0f} MiB)"
+        )
+    x_bytes = 4 * TARGET_N * WIDTH
+    lines.append(
+        f"roofline: one read of the N = {TARGET_N:,} template is {x_bytes / 1e6:.0f} MB; on an "
+        f"H100 (3.35 TB/s) {h100_roofline_s(x_bytes) * 1e3:.3f} ms for the decoder, "
+        f"{h100_roofline_s(4 * x_bytes) * 1e3:.3f} ms for the whole module (K = 3 selection "
+        "passes and one attention pass; estimate, not measured)"
+    )
+    return lines
+
+
+def fresh_process_peak_mib(n: int) -> float:
+    command = [sys.executable, "-m", "fusedset.bench.facecoresetnet", str(n)]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _decoder_peak_mib(n: int) -> float:
+    """The growth of the peak RSS over the RSS before one call of fusedset's decoder, the peak
+    reset first (/proc/self/clear_refs) so that building the model and inputs does not count.
+    The core is any 3 rows: the selection's own temporaries would only muddy the figure."""
+    _, fast = _models()
+    template, norms = _template(n, 0)
+    template *= norms
+    core = template[:, :3].clone()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    _no_grad(fast.refine)(core, template, norms.squeeze(-1))
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+if __name__ == "__main__":
+    print(_decoder_peak_mib(int(sys.argv[1])))

@@ -1,0 +1,295 @@
+"""FaceCoresetNet, the drop-in fast version of the released `TemplateAggregateModel`.
+
+Same parameters, state dict and outputs as `fusedset.reference.FaceCoresetNetReference`; the
+cross-attention of the core template over the whole template runs in the folded form
+(`folded_cross_attention`): O(N C) instead of O(N C^2), in chunks of N with bounded memory. Its
+keys `template + enc(norms)` are never built: the norm encoding (a LayerNorm of a sinusoid) is
+scored directly from the sinusoid's angles (`_norm_encoding_scorer`).
+
+Selection goes through `_select_core`, for now the eager `select_core_template`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fusedset.nn.checkpoints import CheckpointSource, facecoresetnet_state_dict, load_checked
+from fusedset.nn.folded_attention import DEFAULT_CHUNK_SIZE, folded_cross_attention
+from fusedset.reference._sinusoid import sinusoid_angles
+from fusedset.reference.facecoresetnet import (
+    FaceCoresetNetReference,
+    infer_embedding_size,
+    select_core_template,
+)
+
+
+class CoresetFusion(NamedTuple):
+    descriptor: torch.Tensor  # (B, C), unit norm
+    norm: torch.Tensor  # (B, 1)
+    core_template: torch.Tensor  # (B, min(K, N), C); rows past min(K, lengths[b]) are zeros
+
+
+def _select_core(
+    x: torch.Tensor,
+    k: int,
+    gamma: torch.Tensor | float,
+    *,
+    training: bool,
+    noise: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The core template: min(k, N) rows of x (B, N, C) by quality-aware farthest point
+    selection with quality ||x_i|| -> (B, min(k, N), C), rows past min(k, lengths[b]) zero.
+    Eval: the argmax picks (fusedset.ops.quality_fps); training: Gumbel straight-through with
+    the standard Gumbel samples `noise` (k, B, N) (fusedset.ops.quality_fps_select)."""
+    if lengths is None:
+        norms = torch.linalg.vector_norm(x, dim=-1)
+        return select_core_template(x, norms, k, gamma, training=training, noise=noise).features
+    size = min(k, x.shape[1])
+    cores = []
+    for b, length in enumerate(lengths.tolist()):
+        rows = x[b : b + 1, :length]
+        template_noise = None if noise is None else noise[:, b : b + 1, :length]
+        core = select_core_template(
+            rows,
+            torch.linalg.vector_norm(rows, dim=-1),
+            k,
+            gamma,
+            training=training,
+            noise=template_noise,
+        ).features
+        cores.append(F.pad(core, (0, 0, 0, size - core.shape[1])))
+    return torch.cat(cores)
+
+
+class FaceCoresetNet(FaceCoresetNetReference):
+    """The released FaceCoresetNet, fast at any N. `chunk_size`: keys per step of the online
+    softmax of the cross-attention (bounds its extra memory). See `forward`."""
+
+    def __init__(
+        self,
+        embedding_size: int = 512,
+        num_heads: int = 8,
+        coreset_size: int = 3,
+        dropout: float = 0.1,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__(embedding_size, num_heads, coreset_size, dropout)
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_official(
+        cls,
+        source: CheckpointSource,
+        coreset_size: int = 3,
+        num_heads: int = 8,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> FaceCoresetNet:
+        """The released `TemplateAggregateModel` state dict, bare or under `aggregate_model.`
+        (a path or a mapping, possibly inside a Lightning checkpoint's `state_dict`), in eval
+        mode. Raises CheckpointKeyError naming every missing and unexpected key. K is not stored
+        in the checkpoint (released default: 3), nor the number of heads (8)."""
+        state_dict = facecoresetnet_state_dict(source)
+        model = cls(
+            infer_embedding_size(state_dict), num_heads, coreset_size, chunk_size=chunk_size
+        )
+        load_checked(model, state_dict, "released FaceCoresetNet")
+        return model.eval()
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        norms: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Released convention: unit directions `embeddings` (B, N, C) and `norms` (B, N, 1) ->
+        (descriptor (B, C) L2-normalized, its norm (B, 1)). `lengths` (B,): template b is its
+        first lengths[b] images; padded rows are never selected nor attended to. `noise`
+        (K, B, N): Gumbel samples for the training-mode selection (drawn when omitted)."""
+        result = self.aggregate(embeddings, norms, lengths, noise)
+        return result.descriptor, result.norm
+
+    def forward_features(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw backbone features (B, N, C) (direction times norm) -> (descriptor, norm)."""
+        result = self.aggregate_features(features, lengths, noise)
+        return result.descriptor, result.norm
+
+    def aggregate(
+        self,
+        embeddings: torch.Tensor,
+        norms: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> CoresetFusion:
+        """`forward` with the core template too."""
+        self._check_set("embeddings", embeddings, lengths)
+        if not isinstance(norms, torch.Tensor) or norms.shape != (*embeddings.shape[:2], 1):
+            got = tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
+            raise ValueError(
+                f"norms must have shape (B, N, 1) = {(*embeddings.shape[:2], 1)} to match "
+                f"embeddings, got {got}"
+            )
+        embeddings, norms = self._compute_dtype(embeddings), self._compute_dtype(norms)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            norms = norms.squeeze(-1)
+            result = self._fuse(embeddings * norms[..., None], norms, lengths, noise)
+        self._check_finite(result, lengths, embeddings=embeddings, norms=norms)
+        return result
+
+    def aggregate_features(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> CoresetFusion:
+        """`forward_features` with the core template too."""
+        self._check_set("features", features, lengths)
+        features = self._compute_dtype(features)
+        with torch.autocast(features.device.type, enabled=False):
+            norms = torch.linalg.vector_norm(features, dim=-1)
+            result = self._fuse(features, norms, lengths, noise)
+        self._check_finite(result, lengths, features=features)
+        return result
+
+    def refine(
+        self,
+        core: torch.Tensor,
+        template: torch.Tensor,
+        template_norms: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The released decoder (see FaceCoresetNetReference.refine) with the folded, chunked
+        cross-attention. With `lengths`, core slots past min(K, lengths[b]) are padding too."""
+        layer = self.decoder_layer1
+        core_padding = None
+        if lengths is not None:
+            core_slots = torch.arange(core.shape[1], device=core.device)
+            core_padding = core_slots >= lengths[:, None]
+        query = core + self.norm_encoding(torch.linalg.vector_norm(core, dim=-1))
+        attended = layer.self_attn1(
+            query, query, query, key_padding_mask=core_padding, need_weights=False
+        )[0]
+        query = layer.norm1(query + layer.dropout1(attended))
+
+        def key_offset(folded: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+            return self._norm_encoding_scorer(folded, template_norms)
+
+        attended = folded_cross_attention(
+            query, template, template, layer.multihead_attn1, lengths, self.chunk_size, key_offset
+        )
+        return core + layer.norm2(core + layer.dropout2(attended))
+
+    def _norm_encoding_scorer(
+        self, folded: torch.Tensor, norms: torch.Tensor
+    ) -> Callable[[int, int], torch.Tensor]:
+        """folded (B, R, C), norms (B, N) -> a function (start, stop) -> (B, stop - start, R):
+        folded . norm_encoding(norms[:, start:stop]) less folded . bias of the LayerNorm (the
+        same for every key), without building the (B, n, C) encoding.
+
+        The encoding is LayerNorm(s) of s = (sin a_k, cos a_k) over channel pairs k, so
+        u . LN(s) = rstd (sum_k (ug)_2k sin a_k + (ug)_2k+1 cos a_k - mean(s) sum_c (ug)_c) + u . b
+        with g, b the LayerNorm's weight and bias, and var(s) = 1/2 - mean(s)^2 since each pair
+        has sin^2 + cos^2 = 1: one matmul over the angles' sines and cosines instead of a
+        LayerNorm over N x C."""
+        width = self.embedding_size
+        scaled = folded * self.pos_trans_norm.weight
+        # A last row of 1/C turns the same matmul into the mean of s.
+        rows = torch.cat([scaled, scaled.new_full((scaled.shape[0], 1, width), 1 / width)], 1)
+        weights = torch.cat([rows[..., 0::2], rows[..., 1::2]], dim=-1).transpose(1, 2)
+        totals = scaled.sum(dim=-1)[:, None]
+        eps = self.pos_trans_norm.eps
+
+        def scores(start: int, stop: int) -> torch.Tensor:
+            angles = sinusoid_angles(norms[:, start:stop] * (2 * math.pi), width)
+            sums = torch.cat([angles.sin(), angles.cos()], dim=-1) @ weights
+            dot, mean = sums[..., :-1], sums[..., -1:]
+            return (dot - mean * totals) * torch.rsqrt(0.5 - mean.square() + eps)
+
+        return scores
+
+    def _fuse(
+        self,
+        template: torch.Tensor,
+        norms: torch.Tensor,
+        lengths: torch.Tensor | None,
+        noise: torch.Tensor | None,
+    ) -> CoresetFusion:
+        core = _select_core(
+            template,
+            self.coreset_size,
+            self.gamma,
+            training=self.training,
+            noise=noise,
+            lengths=lengths,
+        )
+        refined = self.refine(core, template, norms, lengths)
+        if lengths is None:
+            aggregated = refined.mean(dim=1)
+        else:
+            core_counts = lengths.clamp(max=core.shape[1])
+            valid = torch.arange(core.shape[1], device=core.device) < core_counts[:, None]
+            aggregated = (refined * valid[..., None]).sum(dim=1) / core_counts[:, None]
+        norm = torch.linalg.vector_norm(aggregated, dim=-1, keepdim=True)
+        return CoresetFusion(aggregated / norm, norm, core)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        # fp16/bf16 inputs (and autocast) run in the parameters' dtype: the softmax over N and
+        # the weighted sums of up to millions of rows need fp32 accumulation.
+        return x.to(self.gamma.dtype)
+
+    def _check_set(self, name: str, x: torch.Tensor, lengths: torch.Tensor | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() != 3 or x.shape[-1] != self.embedding_size:
+            raise ValueError(
+                f"{name} must have shape (B, N, {self.embedding_size}), got {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(
+                f"{name} is an empty set (shape {tuple(x.shape)}): every template needs at least "
+                "one image"
+            )
+        if lengths is None:
+            return
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != x.shape[:1]:
+            raise ValueError(f"lengths must be a tensor of shape (B,) = ({x.shape[0]},)")
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        if lengths.device != x.device:
+            raise ValueError(f"lengths is on {lengths.device}, {name} on {x.device}")
+        if bool((lengths < 1).any()) or bool((lengths > x.shape[1]).any()):
+            raise ValueError(
+                f"lengths must lie in [1, N = {x.shape[1]}] (an empty template has no "
+                f"descriptor), got {lengths.tolist()}"
+            )
+
+    @staticmethod
+    def _check_finite(
+        result: CoresetFusion, lengths: torch.Tensor | None, **inputs: torch.Tensor
+    ) -> None:
+        """A NaN or Inf anywhere in a template reaches its descriptor, so only a non-finite
+        result costs a look at the inputs, to name the argument at fault."""
+        if bool(result.descriptor.isfinite().all()):
+            return
+        for name, x in inputs.items():
+            bad = ~x.isfinite()
+            if bad.dim() == 3:
+                bad = bad.any(dim=-1)
+            if lengths is not None:
+                bad &= torch.arange(x.shape[1], device=x.device) < lengths[:, None]
+            templates = bad.any(dim=-1).nonzero().flatten().tolist()
+            if templates:
+                raise ValueError(f"{name} contain NaN or Inf (templates {templates})")

@@ -6,7 +6,7 @@ cross-attention of the core template over the whole template runs in the folded 
 keys `template + enc(norms)` are never built: the norm encoding (a LayerNorm of a sinusoid) is
 scored directly from the sinusoid's angles (`_norm_encoding_scorer`).
 
-Selection goes through `_select_core`, for now the eager `select_core_template`.
+Selection goes through `_select_core`: the fused quality_fps ops.
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from fusedset.nn.checkpoints import CheckpointSource, facecoresetnet_state_dict, load_checked
 from fusedset.nn.folded_attention import DEFAULT_CHUNK_SIZE, folded_cross_attention
+from fusedset.ops import quality_fps, quality_fps_select
 from fusedset.reference._sinusoid import sinusoid_angles
-from fusedset.reference.facecoresetnet import (
-    FaceCoresetNetReference,
-    infer_embedding_size,
-    select_core_template,
-)
+from fusedset.reference.facecoresetnet import FaceCoresetNetReference, infer_embedding_size
 
 
 class CoresetFusion(NamedTuple):
@@ -46,25 +42,15 @@ def _select_core(
     """The core template: min(k, N) rows of x (B, N, C) by quality-aware farthest point
     selection with quality ||x_i|| -> (B, min(k, N), C), rows past min(k, lengths[b]) zero.
     Eval: the argmax picks (fusedset.ops.quality_fps); training: Gumbel straight-through with
-    the standard Gumbel samples `noise` (k, B, N) (fusedset.ops.quality_fps_select)."""
-    if lengths is None:
-        norms = torch.linalg.vector_norm(x, dim=-1)
-        return select_core_template(x, norms, k, gamma, training=training, noise=noise).features
-    size = min(k, x.shape[1])
-    cores = []
-    for b, length in enumerate(lengths.tolist()):
-        rows = x[b : b + 1, :length]
-        template_noise = None if noise is None else noise[:, b : b + 1, :length]
-        core = select_core_template(
-            rows,
-            torch.linalg.vector_norm(rows, dim=-1),
-            k,
-            gamma,
-            training=training,
-            noise=template_noise,
-        ).features
-        cores.append(F.pad(core, (0, 0, 0, size - core.shape[1])))
-    return torch.cat(cores)
+    the standard Gumbel samples `noise` (k, B, N), the reference's layout
+    (fusedset.ops.quality_fps_select)."""
+    if training:
+        steps = min(k, x.shape[1])
+        op_noise = None if noise is None else noise[:steps].permute(1, 0, 2)
+        return quality_fps_select(x, k, gamma, noise=op_noise, lengths=lengths)
+    picks = quality_fps(x, k, gamma, lengths=lengths)  # -1 past a template's valid rows
+    rows = x.gather(1, picks.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
+    return rows.masked_fill(picks[..., None] < 0, 0)
 
 
 class FaceCoresetNet(FaceCoresetNetReference):
@@ -143,9 +129,14 @@ class FaceCoresetNet(FaceCoresetNetReference):
         embeddings, norms = self._compute_dtype(embeddings), self._compute_dtype(norms)
         with torch.autocast(embeddings.device.type, enabled=False):
             norms = norms.squeeze(-1)
-            result = self._fuse(embeddings * norms[..., None], norms, lengths, noise)
-        self._check_finite(result, lengths, embeddings=embeddings, norms=norms)
-        return result
+            return self._fuse_checked(
+                embeddings * norms[..., None],
+                norms,
+                lengths,
+                noise,
+                embeddings=embeddings,
+                norms=norms,
+            )
 
     def aggregate_features(
         self,
@@ -158,9 +149,7 @@ class FaceCoresetNet(FaceCoresetNetReference):
         features = self._compute_dtype(features)
         with torch.autocast(features.device.type, enabled=False):
             norms = torch.linalg.vector_norm(features, dim=-1)
-            result = self._fuse(features, norms, lengths, noise)
-        self._check_finite(result, lengths, features=features)
-        return result
+            return self._fuse_checked(features, norms, lengths, noise, features=features)
 
     def refine(
         self,
@@ -276,14 +265,29 @@ class FaceCoresetNet(FaceCoresetNetReference):
                 f"descriptor), got {lengths.tolist()}"
             )
 
+    def _fuse_checked(
+        self,
+        template: torch.Tensor,
+        quality: torch.Tensor,
+        lengths: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        /,
+        **inputs: torch.Tensor,
+    ) -> CoresetFusion:
+        """`_fuse`, with a NaN or Inf in the caller's `inputs` reported by their names. A
+        non-finite row stops the selection (quality_fps refuses it) or reaches the descriptor,
+        so only then do the inputs cost a look."""
+        try:
+            result = self._fuse(template, quality, lengths, noise)
+        except ValueError:
+            self._name_non_finite(lengths, **inputs)
+            raise
+        if not bool(result.descriptor.isfinite().all()):
+            self._name_non_finite(lengths, **inputs)
+        return result
+
     @staticmethod
-    def _check_finite(
-        result: CoresetFusion, lengths: torch.Tensor | None, **inputs: torch.Tensor
-    ) -> None:
-        """A NaN or Inf anywhere in a template reaches its descriptor, so only a non-finite
-        result costs a look at the inputs, to name the argument at fault."""
-        if bool(result.descriptor.isfinite().all()):
-            return
+    def _name_non_finite(lengths: torch.Tensor | None, **inputs: torch.Tensor) -> None:
         for name, x in inputs.items():
             bad = ~x.isfinite()
             if bad.dim() == 3:

@@ -195,8 +195,11 @@ def test_non_finite_rows_are_a_clear_error(bad):
 def test_empty_inputs():
     assert kernel(torch.randn(0, 5, 4), 3, 1.0).shape == (0, 3)
     assert kernel(torch.randn(2, 0, 4), 3, 1.0).shape == (2, 0)
-    rows = quality_fps_select(torch.randn(2, 0, 4, requires_grad=True), 3, 1.0)
+    x = torch.randn(2, 0, 4, requires_grad=True)
+    rows = quality_fps_select(x, 3, 1.0)
     assert rows.shape == (2, 0, 4)
+    rows.sum().backward()
+    assert x.grad.shape == (2, 0, 4)
 
 
 # ---------------------------------------------------------------- gradients

@@ -103,8 +103,11 @@ def quality_fps_select(
     Step t draws a hard one-hot from ``softmax((d_t * scale + g_t) / tau)`` over the available
     rows, with ``d_0 = q`` and ``d_t`` the distances of quality_fps, and back-propagates into
     ``x`` and ``gamma`` straight through the soft weights, as
-    ``torch.nn.functional.gumbel_softmax(hard=True)`` does. Zero-norm rows never enter a soft
-    distribution; a step that can only pick one has no soft path.
+    ``torch.nn.functional.gumbel_softmax(hard=True)`` does. As in FaceCoresetNet's training
+    code, the next distances are measured from the straight-through row ``x^T y_t`` (so their
+    gradient also reaches the soft weights of step t), and a row picked earlier stays in the
+    soft weights of later steps at distance 0, though it is never picked again. Zero-norm rows
+    never enter a soft distribution; a step that can only pick one has no soft path.
 
     Args:
         x, k, gamma, lengths: as in quality_fps (gamma may be a tensor that requires grad).
@@ -188,6 +191,8 @@ def select_backward(
     acc = logits.dtype
     batch, n, channels = x.shape
     steps = indices.shape[1]
+    if steps == 0:  # no rows (N = 0): nothing was selected
+        return torch.zeros_like(x), torch.zeros_like(gamma)
     g_rows = grad_rows.to(acc)
     picked = indices.clamp_min(0)
     has_pick = indices >= 0

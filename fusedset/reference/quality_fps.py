@@ -96,7 +96,8 @@ def _trace(x, k, gamma, scale, tau, noise, lengths):
         r = x_picked.detach() + torch.einsum("bn,bnc->bc", soft_part, xf.detach())
         r = r + (x_picked - x_picked.detach())
         q_r = q[rows, picked.clamp_min(0)] * has
-        norm_r = q_r.detach() + (r.norm(dim=-1) - r.norm(dim=-1).detach())
+        r_norm = r.norm(dim=-1)
+        norm_r = q_r.detach() + (r_norm - r_norm.detach())
         inv_r = torch.where(q_r > 0, 1 / torch.where(q_r > 0, norm_r, 1), 0)
         u_s = r * inv_r[:, None]
         cos = torch.einsum("bnc,bc->bn", xf, u_s) * inv_q
@@ -128,8 +129,8 @@ def selection_weights(
     lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_hard, y_soft), each (B, min(k, N), N): the one-hot picks and the differentiable
-    ``softmax((d_t * scale + g_t) / tau)`` per step (zeros at a step with no non-zero row left,
-    which has no soft path: its logits would all be -inf)."""
+    ``softmax((d_t * scale + g_t) / tau)`` per step, rows picked earlier at d_t = 0 (zeros at a
+    step with no non-zero row left, which has no soft path: its logits would all be -inf)."""
     hard, soft = [], []
     for y_hard, y_soft, _ in _trace(x, k, gamma, scale, tau, noise, lengths):
         hard.append(y_hard)

@@ -5,6 +5,7 @@ import fusedset
 from fusedset import reference
 from fusedset.ops import quality_fps, quality_fps_select
 from fusedset.ops.quality_fps import backward_dots_eager, backward_spread_eager, gumbel_noise
+from fusedset.reference.facecoresetnet import select_core_template
 from fusedset.reference.quality_fps import selection_weights
 
 from .helpers import DEVICES, assert_rel_close
@@ -194,8 +195,11 @@ def test_non_finite_rows_are_a_clear_error(bad):
 def test_empty_inputs():
     assert kernel(torch.randn(0, 5, 4), 3, 1.0).shape == (0, 3)
     assert kernel(torch.randn(2, 0, 4), 3, 1.0).shape == (2, 0)
-    rows = quality_fps_select(torch.randn(2, 0, 4, requires_grad=True), 3, 1.0)
+    x = torch.randn(2, 0, 4, requires_grad=True)
+    rows = quality_fps_select(x, 3, 1.0)
     assert rows.shape == (2, 0, 4)
+    rows.sum().backward()
+    assert x.grad.shape == (2, 0, 4)
 
 
 # ---------------------------------------------------------------- gradients
@@ -230,28 +234,84 @@ def test_straight_through_gradients_match_eager(dtype, tau, scale, device):
     assert_rel_close(dgamma, egamma, rtol if dtype == torch.float64 else 1e-4)
 
 
+def _held_surrogate(x, gamma, tau, scale, noise, picks, soft0):
+    """The selection with the picks held and each straight-through ``y_t`` replaced by
+    ``y_hard + y_soft(x, gamma) - soft0`` (soft0: the soft weights at the base point). At the
+    base point its value is that of quality_fps_select, and its derivative there is the
+    straight-through gradient, the next distances measured from the row ``x^T y_t``. No
+    padding, no zero rows; rows picked earlier stay in the soft weights at distance 0."""
+    q = x.norm(dim=-1)
+    half_qg = q**gamma / 2
+    d, taken, rows = q, torch.zeros_like(q, dtype=torch.bool), []
+    for t in range(picks.shape[1]):
+        y_soft = torch.softmax((torch.where(taken, 0, d) * scale + noise[:, t]) / tau, dim=-1)
+        y_hard = torch.nn.functional.one_hot(picks[:, t], x.shape[1]).to(x.dtype)
+        row = torch.einsum("bn,bnc->bc", y_hard + y_soft - soft0[:, t], x)
+        rows.append(row)
+        taken = taken | y_hard.bool()
+        cos = torch.einsum("bnc,bc->bn", x, row) / (q * row.norm(dim=-1, keepdim=True))
+        dist = half_qg * (1 - cos).clamp_min(0)
+        d = dist if t == 0 else torch.minimum(d, dist)
+    return torch.stack(rows, dim=1)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 5, 3), (1, 4, 3, 4), (2, 1, 3, 2)])
 def test_gradcheck_float64(shape):
-    """The straight-through gradient is the exact derivative of the surrogate
-    F(x, gamma) = y_hard^T x + y_soft(x, gamma)^T x0 at x = x0 (the picks held fixed), whose
-    value gradcheck differentiates numerically while the op supplies the analytical side."""
+    """The straight-through gradient is the exact derivative of _held_surrogate at the base
+    point x0 (the picks held fixed), whose value gradcheck differentiates numerically while the
+    op supplies the analytical side."""
     b, n, c, k = shape
     x = features((b, n, c), torch.float64)
     x[0, -1] *= 2  # distinct norms: the first pick does not flip under the finite differences
-    x0 = x.clone()
-    x.requires_grad_()
     gamma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     noise = noise_for(x, k)
+    picks = select_kernel(x, k, gamma.detach(), noise, tau=0.7, scale=2.0)[1]
+    _, soft0 = selection_weights(x, k, gamma.detach(), 0.7, 2.0, noise)
+    assert_rel_close(
+        _held_surrogate(x, gamma.detach(), 0.7, 2.0, noise, picks, soft0),
+        x.gather(1, picks[..., None].expand(-1, -1, c)),
+        1e-15,
+    )
+    x.requires_grad_()
 
     def fn(x, gamma):
         rows = select_kernel(x, k, gamma, noise, tau=0.7, scale=2.0)[0]
-        y_hard, y_soft = selection_weights(x, k, gamma, 0.7, 2.0, noise)
-        surrogate = torch.einsum("btn,bnc->btc", y_hard, x) + torch.einsum(
-            "btn,bnc->btc", y_soft, x0
-        )
+        surrogate = _held_surrogate(x, gamma, 0.7, 2.0, noise, picks, soft0)
         return rows - rows.detach() + surrogate.detach()
 
     assert torch.autograd.gradcheck(fn, (x, gamma))
+
+
+@pytest.mark.parametrize("n", [20, 33, 50])
+def test_gradients_match_released_training_selection(n):
+    """Released FaceCoresetNet semantics (select_core_template, training=True): the next
+    distances are measured from the straight-through row, so their gradient reaches the soft
+    weights of the step that picked it. Equal values and float64 gradients on random cases
+    without re-picks (which the released loop allows and the op does not)."""
+    generator = torch.Generator().manual_seed(n)
+    x0 = features((3, n, 16), torch.float64, generator=generator)
+    noise = -torch.empty(3, 3, n, dtype=torch.float64).exponential_(generator=generator).log()
+    grad = torch.randn(3, 3, 16, dtype=torch.float64, generator=generator)
+
+    def grads(select):
+        x = x0.clone().requires_grad_()
+        gamma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        out = select(x, gamma)
+        return (out, *torch.autograd.grad(out, (x, gamma), grad))
+
+    released = grads(
+        lambda x, gamma: (
+            select_core_template(x, x.norm(dim=-1), 3, gamma, training=True, noise=noise).features
+        )
+    )
+    for force in (False, True):
+        with fusedset.force_reference(force):
+            ours = grads(
+                lambda x, gamma: quality_fps_select(x, 3, gamma, noise=noise.permute(1, 0, 2))
+            )
+        torch.testing.assert_close(ours[0], released[0], rtol=0, atol=0)
+        assert_rel_close(ours[1], released[1], 1e-10)
+        assert_rel_close(ours[2], released[2], 1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)

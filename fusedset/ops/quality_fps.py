@@ -103,8 +103,11 @@ def quality_fps_select(
     Step t draws a hard one-hot from ``softmax((d_t * scale + g_t) / tau)`` over the available
     rows, with ``d_0 = q`` and ``d_t`` the distances of quality_fps, and back-propagates into
     ``x`` and ``gamma`` straight through the soft weights, as
-    ``torch.nn.functional.gumbel_softmax(hard=True)`` does. Zero-norm rows never enter a soft
-    distribution; a step that can only pick one has no soft path.
+    ``torch.nn.functional.gumbel_softmax(hard=True)`` does. As in FaceCoresetNet's training
+    code, the next distances are measured from the straight-through row ``x^T y_t`` (so their
+    gradient also reaches the soft weights of step t), and a row picked earlier stays in the
+    soft weights of later steps at distance 0, though it is never picked again. Zero-norm rows
+    never enter a soft distribution; a step that can only pick one has no soft path.
 
     Args:
         x, k, gamma, lengths: as in quality_fps (gamma may be a tensor that requires grad).
@@ -173,19 +176,26 @@ def select_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dgamma) of quality_fps_select, from what its forward recorded.
 
-    Per step the soft weights are recomputed from the recorded ``d_t`` and the noise; ``source``
-    says which pick's distance each ``d_t`` is, so the gradient of the running minimum goes to
-    the pick the kernel kept. The per-step gradients of the K distance columns are gathered
-    into an (N, K) matrix first, so X is swept twice whatever K: once for its dot products with
-    the output gradients and the picks (quality_fps_backward_dots), once to write dx
-    (quality_fps_backward_spread); everything between is O(N K).
+    Per step the soft weights are recomputed from the recorded ``d_t`` and the noise (a row
+    picked earlier enters them at distance 0, as in the reference); ``source`` says which pick's
+    distance each ``d_t`` is, so the gradient of the running minimum goes to the pick the kernel
+    kept. The row r_t of step t is straight-through, ``x^T y_t``, and the later distances are
+    measured from it: its total gradient, the output gradient plus the distance-path gradient
+    ``G_t = sum_i w[i, t] d dist(i, t) / d r_t``, reaches both the picked row and the soft
+    weights of step t. G_t needs the distance gradients of every later step, so the steps are
+    processed last to first, each step t < K - 1 sweeping X twice (``beta_t^T x`` for G_t, then
+    ``x G_t``); with the sweep for the dot products with the output gradients and the picks
+    (quality_fps_backward_dots) and the one writing dx (quality_fps_backward_spread), X is read
+    2 K times in all; everything else is O(N K).
     """
     acc = logits.dtype
     batch, n, channels = x.shape
     steps = indices.shape[1]
+    if steps == 0:  # no rows (N = 0): nothing was selected
+        return torch.zeros_like(x), torch.zeros_like(gamma)
     g_rows = grad_rows.to(acc)
     picked = indices.clamp_min(0)
-    has_pick = (indices >= 0).unsqueeze(-1)
+    has_pick = indices >= 0
     x_picked = gather_rows(x, indices).to(acc)
 
     projections, q = torch.ops.fusedset.quality_fps_backward_dots.default(
@@ -196,20 +206,7 @@ def select_backward(
     live = (logits > float("-inf")).any(dim=1)
     projections = torch.where(live.unsqueeze(-1), projections, 0)
     q = torch.where(live, q, 0)
-    h, dots = projections[..., :steps], projections[..., steps:]
-
-    z = (logits * scale + noise.to(acc)) / tau
-    soft_step = (logits > float("-inf")).any(dim=-1, keepdim=True)
-    y_soft = torch.softmax(torch.where(soft_step, z, 0), dim=-1) * soft_step
-    h_t = h.transpose(1, 2)
-    dd = y_soft * (h_t - (y_soft * h_t).sum(-1, keepdim=True)) * (scale / tau)
-
-    # w[b, i, j]: gradient of the loss with respect to the distance from row i to pick j.
-    w = torch.zeros(batch, n, steps, dtype=acc, device=x.device)
-    if steps > 1:
-        w.scatter_add_(
-            2, source[:, 1:].clamp_min(0).long().transpose(1, 2), dd[:, 1:].transpose(1, 2)
-        )
+    h_out, dots = projections[..., :steps], projections[..., steps:]
 
     nonzero = q > 0
     q_safe = torch.where(nonzero, q, 1)
@@ -221,15 +218,50 @@ def select_backward(
     # clamp_min(0)'s gradient passes at the boundary (1 - cos == 0), as autograd's does.
     active = (cos <= 1) & nonzero.unsqueeze(-1)
     dist = half_qg.unsqueeze(-1) * (1 - cos).clamp_min(0)
-    wa = w * half_qg.unsqueeze(-1) * active
 
+    # Rows picked at an earlier step: in the soft weights at distance 0, a constant.
+    pick_mask = torch.zeros(batch, steps, n, dtype=torch.int32, device=x.device)
+    pick_mask.scatter_(2, picked.unsqueeze(-1), has_pick.int().unsqueeze(-1))
+    taken = ((pick_mask.cumsum(1) - pick_mask) > 0) & nonzero.unsqueeze(1)
+    available = logits > float("-inf")
+    z = (torch.where(taken, 0, logits) * scale + noise.to(acc)) / tau
+    soft_step = available.any(dim=-1, keepdim=True)
+    y_soft = torch.softmax(torch.where(soft_step, z, 0), dim=-1) * soft_step
+
+    # X in the accumulation dtype with the rows outside every template zeroed (one copy), for
+    # the per-step sweeps, batched mat-vecs.
+    xm = torch.where(live.unsqueeze(-1), x.to(acc), 0) if steps > 1 else None
+
+    # w[b, i, j]: gradient of the loss with respect to the distance from row i to pick j;
+    # column j is complete once every step after j is processed.
+    w = torch.zeros(batch, n, steps, dtype=acc, device=x.device)
+    grad_r = g_rows * has_pick.unsqueeze(-1)  # the total gradient of each row r_t
+    dd = torch.zeros(batch, steps, n, dtype=acc, device=x.device)
+    src = source.clamp_min(0).long()
+    for t in reversed(range(steps)):
+        h = h_out[..., t]
+        if t + 1 < steps:
+            wa_t = w[..., t] * half_qg * active[..., t]
+            beta_t = -wa_t * inv_q * inv_q_picked[:, t, None]
+            along_t = (wa_t * cos[..., t]).sum(1) * inv_q_picked[:, t].square()
+            g_t = torch.bmm(beta_t.unsqueeze(1), xm).squeeze(1)
+            g_t = g_t + along_t.unsqueeze(-1) * x_picked[:, t]
+            grad_r[:, t] += g_t
+            h = h + torch.bmm(xm, g_t.unsqueeze(-1)).squeeze(-1)
+        y = y_soft[:, t]
+        dd_t = y * (h - (y * h).sum(-1, keepdim=True)) * (scale / tau)
+        dd[:, t] = dd_t
+        if t > 0:
+            w.scatter_add_(
+                2, src[:, t].unsqueeze(-1), torch.where(available[:, t], dd_t, 0).unsqueeze(-1)
+            )
+
+    wa = w * half_qg.unsqueeze(-1) * active
     coef = (w * dist * gamma.to(acc) + wa * cos).sum(-1) * inv_q.square() + dd[:, 0] * inv_q
     beta = -wa * inv_q.unsqueeze(-1) * inv_q_picked.unsqueeze(1)
-    dx, spread = torch.ops.fusedset.quality_fps_backward_spread.default(x, coef, beta, x_picked)
-    along_picks = (wa * cos).sum(1) * inv_q_picked.square()
-    into_picks = spread + along_picks.unsqueeze(-1) * x_picked + g_rows * has_pick
+    dx, _ = torch.ops.fusedset.quality_fps_backward_spread.default(x, coef, beta, x_picked)
     # The picked rows' share is added in the accumulation dtype (a no-op cast for float32).
-    dx = dx.to(acc).scatter_add_(1, picked.unsqueeze(-1).expand(batch, steps, channels), into_picks)
+    dx = dx.to(acc).scatter_add_(1, picked.unsqueeze(-1).expand(batch, steps, channels), grad_r)
     log_q = torch.where(nonzero, q_safe.log(), 0)
     dgamma = (w * dist * log_q.unsqueeze(-1)).sum()
     return dx.to(x.dtype), dgamma.to(gamma.dtype).reshape(gamma.shape)

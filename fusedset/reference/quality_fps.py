@@ -6,6 +6,11 @@ still available (valid under ``lengths``, not yet selected, norm > 0), the lowes
 zero-norm rows come only when nothing else remains, in index order; then
 ``d_{t+1} = min(d_t, q^gamma * max(0, 1 - cos(x_i, x_s)) / 2)`` over the new pick s, an equal
 new distance keeping the older one (which decides where the gradient of the minimum goes).
+
+The differentiable form follows FaceCoresetNet's training code: x_s is the straight-through row
+of step s (see ``_trace``), so the gradient of later distances also reaches the soft weights of
+step s; and a row already picked stays in the soft distributions of later steps at distance 0
+(its distance to itself), though the hard pick never takes it again.
 """
 
 from __future__ import annotations
@@ -31,9 +36,16 @@ def _valid_part(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return torch.where(valid, x.to(_accumulation_dtype(x)), 0)
 
 
-def _trace(x, k, gamma, scale, noise, lengths):
-    """Runs the selection with autograd-visible math. Yields per step the logit base d_t
-    (-inf where unavailable), the noise g_t and the picked index (-1 when nothing is left)."""
+def _trace(x, k, gamma, scale, tau, noise, lengths):
+    """Runs the selection with autograd-visible math. Yields per step the one-hot pick y_hard,
+    the soft weights y_soft = ``softmax((d_t * scale + g_t) / tau)`` (zeros at a step with no
+    non-zero row left, which has no soft path: its logits would all be -inf) and the picked
+    index (-1 when nothing is left).
+
+    The next distances are measured from the straight-through row of the step,
+    ``r_t = x^T (y_hard - y_soft.detach() + y_soft)``, as FaceCoresetNet's training code does:
+    its value is the picked row, and its gradient reaches the soft weights (hence the logits of
+    step t, x and gamma) besides the picked row itself."""
     acc = _accumulation_dtype(x)
     xf = _valid_part(x, lengths)
     batch, n, _ = x.shape
@@ -54,6 +66,7 @@ def _trace(x, k, gamma, scale, noise, lengths):
     lowest = torch.finfo(acc).min
     rows = torch.arange(batch, device=x.device)
     d = q
+    taken = torch.zeros_like(available)
     for t in range(steps):
         base = torch.where(available & nonzero, d, float("-inf"))
         g = torch.zeros_like(q) if noise is None else noise[:, t].to(acc)
@@ -61,10 +74,32 @@ def _trace(x, k, gamma, scale, noise, lengths):
         score = torch.where(available & ~nonzero, lowest, score)
         best = score.argmax(dim=1)  # the first maximum: lowest index on ties
         picked = torch.where(score[rows, best] > float("-inf"), best, -1)
-        yield base, g, picked
         has = picked >= 0
+        # A row picked earlier cannot be picked again, but it stays in the soft distribution at
+        # its distance to itself, 0 (a constant), as in FaceCoresetNet's training code.
+        soft_base = torch.where(taken & nonzero, 0, base)
+        logits = (soft_base * scale + g) / tau
+        soft_step = torch.isfinite(base).any(dim=1, keepdim=True)
+        y_soft = torch.softmax(torch.where(soft_step, logits, 0), dim=1)
+        y_soft = torch.where(soft_step, y_soft, 0)
+        y_hard = torch.zeros_like(y_soft)
+        y_hard[has, picked[has]] = 1
+        yield y_hard, y_soft, picked
+        if t + 1 == steps:
+            break
         available[rows[has], picked[has]] = False
-        u_s = xf[rows, picked.clamp_min(0)] * inv_q[rows, picked.clamp_min(0), None]
+        taken[rows[has], picked[has]] = True
+        # r_t = x^T y_t, y_t straight-through: the value is exactly the picked row (zeros when
+        # nothing was picked), the gradient that of x^T y_t.
+        soft_part = y_soft - y_soft.detach()
+        x_picked = xf[rows, picked.clamp_min(0)] * has[:, None]
+        r = x_picked.detach() + torch.einsum("bn,bnc->bc", soft_part, xf.detach())
+        r = r + (x_picked - x_picked.detach())
+        q_r = q[rows, picked.clamp_min(0)] * has
+        r_norm = r.norm(dim=-1)
+        norm_r = q_r.detach() + (r_norm - r_norm.detach())
+        inv_r = torch.where(q_r > 0, 1 / torch.where(q_r > 0, norm_r, 1), 0)
+        u_s = r * inv_r[:, None]
         cos = torch.einsum("bnc,bc->bn", xf, u_s) * inv_q
         dist = half_qg * (1 - cos).clamp_min(0)
         d = dist if t == 0 else torch.where(dist < d, dist, d)
@@ -78,7 +113,7 @@ def quality_fps(
 ) -> torch.Tensor:
     """(B, N, C) -> (B, min(k, N)) int64 indices in selection order, -1 past a template's end."""
     with torch.no_grad():
-        picks = [p for _, _, p in _trace(x, k, gamma, 1.0, None, lengths)]
+        picks = [p for _, _, p in _trace(x, k, gamma, 1.0, 1.0, None, lengths)]
     if not picks:
         return torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
     return torch.stack(picks, dim=1)
@@ -94,18 +129,12 @@ def selection_weights(
     lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_hard, y_soft), each (B, min(k, N), N): the one-hot picks and the differentiable
-    ``softmax((d_t * scale + g_t) / tau)`` per step (zeros at a step with no non-zero row left,
-    which has no soft path: its logits would all be -inf)."""
+    ``softmax((d_t * scale + g_t) / tau)`` per step, rows picked earlier at d_t = 0 (zeros at a
+    step with no non-zero row left, which has no soft path: its logits would all be -inf)."""
     hard, soft = [], []
-    for base, g, picked in _trace(x, k, gamma, scale, noise, lengths):
-        logits = (base * scale + g) / tau
-        soft_step = torch.isfinite(logits).any(dim=1, keepdim=True)
-        y_soft = torch.softmax(torch.where(soft_step, logits, 0), dim=1)
-        soft.append(torch.where(soft_step, y_soft, 0))
-        y_hard = torch.zeros_like(y_soft)
-        has = picked >= 0
-        y_hard[has, picked[has]] = 1
+    for y_hard, y_soft, _ in _trace(x, k, gamma, scale, tau, noise, lengths):
         hard.append(y_hard)
+        soft.append(y_soft)
     if not hard:
         empty = x.new_zeros(x.shape[0], 0, x.shape[1], dtype=_accumulation_dtype(x))
         return empty, empty

@@ -1,6 +1,7 @@
 """The public ops. Each checks its arguments, then runs the kernel for the tensors' device or
 the eager reference (see fusedset._dispatch)."""
 
+from fusedset.ops.cluster_accumulate import cluster_accumulate, cluster_accumulate_caface
 from fusedset.ops.style_pool import style_pool
 
-__all__ = ["style_pool"]
+__all__ = ["cluster_accumulate", "cluster_accumulate_caface", "style_pool"]

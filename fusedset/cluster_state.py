@@ -159,8 +159,7 @@ class ClusterState:
     def _ratio(self, numerator: str, normalization: Normalization) -> torch.Tensor:
         if normalization not in ("paper", "official"):
             raise ValueError(
-                f"ClusterState: normalization must be 'paper' or 'official', got "
-                f"{normalization!r}"
+                f"ClusterState: normalization must be 'paper' or 'official', got {normalization!r}"
             )
         if self.empty or not bool((self._sums["den"].sum(-1) > 0).all()):
             raise RuntimeError(

@@ -31,9 +31,7 @@ def _check_like(op: str, name: str, value: torch.Tensor, first: str, ref: torch.
 
 def _check_shape(op: str, name: str, value: torch.Tensor, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(
-            f"{op}: {name} must have shape {expected}, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{op}: {name} must have shape {expected}, got shape {tuple(value.shape)}")
 
 
 def cluster_accumulate(
@@ -173,9 +171,9 @@ if _dispatch.extension_loaded():
             keys.new_empty(keys.shape),
             queries.new_empty(queries.shape),
             values.new_empty(values.shape),
-            queries.new_empty((0,)) if query_bias is None else query_bias.new_empty(
-                query_bias.shape
-            ),
+            queries.new_empty((0,))
+            if query_bias is None
+            else query_bias.new_empty(query_bias.shape),
         )
 
     def _setup_context(ctx, inputs, output) -> None:

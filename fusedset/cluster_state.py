@@ -66,18 +66,19 @@ class ClusterState:
                 f"ClusterState.update: chunk {label}: token_num must be "
                 f"{(*den.shape, 'D')}, got {tuple(token_num.shape)}"
             )
+        what = f"chunk {label}"
+        self._check_compatible({k: v for k, v in parts.items() if v is not None}, num.dtype, what)
         for name, value in parts.items():
             if value is not None and not torch.isfinite(value).all():
                 raise ValueError(
-                    f"ClusterState.update: chunk {label} has NaN or Inf in {name}; "
-                    f"the state is unchanged"
+                    f"ClusterState.update: {what} has NaN or Inf in {name}; the state is unchanged"
                 )
         weight = den.clamp(max=1).unsqueeze(-1)
         new = {"num": num, "clipped_num": weight * num, "den": den}
         if token_num is not None:
             new["token_num"] = token_num
             new["clipped_token_num"] = weight * token_num
-        self._add({k: v.double() for k, v in new.items()}, num.dtype, f"chunk {label}", 1)
+        self._add({k: v.double() for k, v in new.items()}, num.dtype, what, 1)
         return self
 
     def accumulate(
@@ -169,32 +170,42 @@ class ClusterState:
         key = numerator if normalization == "paper" else f"clipped_{numerator}"
         return (self._sums[key] / self._sums["den"].unsqueeze(-1)).to(self._dtype)
 
+    def _check_compatible(
+        self, sums: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str
+    ) -> None:
+        """sums (any subset of the fields, at least num and den) must match the state's."""
+        if self.empty:
+            return
+        if dtype != self._dtype:
+            raise TypeError(
+                f"ClusterState: {what} has dtype {dtype}, the state holds {self._dtype}"
+            )
+        streams = {"token_num"} & (self._sums.keys() ^ sums.keys())
+        if streams:
+            verb = "adds" if "token_num" in sums else "lacks"
+            raise ValueError(
+                f"ClusterState: {what} {verb} the token_num stream the state "
+                f"{'lacks' if verb == 'adds' else 'has'}"
+            )
+        for k, theirs in sums.items():
+            mine = self._sums[k]
+            if mine.shape != theirs.shape:
+                raise ValueError(
+                    f"ClusterState: {what} has {k} of shape {tuple(theirs.shape)}, the state "
+                    f"{tuple(mine.shape)}"
+                )
+            if mine.device != theirs.device:
+                raise ValueError(
+                    f"ClusterState: {what} is on {theirs.device}, the state on {mine.device}"
+                )
+
     def _add(
         self, sums: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str, chunks: int
     ) -> None:
-        if not self.empty:
-            if dtype != self._dtype:
-                raise TypeError(
-                    f"ClusterState: {what} has dtype {dtype}, the state holds {self._dtype}"
-                )
-            for k in self._sums.keys() | sums.keys():
-                mine, theirs = self._sums.get(k), sums.get(k)
-                if mine is None or theirs is None:
-                    raise ValueError(
-                        f"ClusterState: {what} {'lacks' if theirs is None else 'adds'} the "
-                        f"{k} stream the state {'has' if theirs is None else 'lacks'}"
-                    )
-                if mine.shape != theirs.shape:
-                    raise ValueError(
-                        f"ClusterState: {what} has {k} of shape {tuple(theirs.shape)}, the "
-                        f"state {tuple(mine.shape)}"
-                    )
-                if mine.device != theirs.device:
-                    raise ValueError(
-                        f"ClusterState: {what} is on {theirs.device}, the state on {mine.device}"
-                    )
-            self._sums = {k: v + sums[k] for k, v in self._sums.items()}
-        else:
+        self._check_compatible(sums, dtype, what)
+        if self.empty:
             self._sums = {k: v.clone() for k, v in sums.items()}
             self._dtype = dtype
+        else:
+            self._sums = {k: v + sums[k] for k, v in self._sums.items()}
         self.chunks += chunks

@@ -64,7 +64,6 @@ def _variants(pointers: dict[str, str], **constexprs: object) -> list[CompileVar
             fixed = {
                 **constexprs,
                 "BLOCK_M": block_m,
-                "BLOCK_D": 64,
                 "NORMALIZE": True,
                 "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                 "ACC": tl.float32,
@@ -120,10 +119,12 @@ def _inverse_norms(rows, valid_n, c, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @compile_checked(*_variants({"part_ptr": "*fp32"}))
 @triton.autotune(
+    # Kept to what compiles without spills at M <= 64 on sm_80 and sm_90. The ieee (fp32) dots
+    # run on FMA units and hold a whole reduction slice per thread: narrow slices (BLOCK_D,
+    # BLOCK_N), one pipeline stage.
     configs=[
-        triton.Config({"BLOCK_N": 32, "BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_C": 128}, num_warps=8),
+        triton.Config({"BLOCK_N": 32, "BLOCK_C": 64, "BLOCK_D": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_N": 32, "BLOCK_C": 64, "BLOCK_D": 32}, num_warps=8, num_stages=1),
     ],
     key=["n", "d", "c", "m", "kd"],
 )
@@ -214,10 +215,8 @@ def cluster_forward_kernel(
     )
 )
 @triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_C": 128}, num_warps=4),
-    ],
+    # The only config found spill-free at M <= 64 on sm_80: wider slices or 4 warps spill.
+    configs=[triton.Config({"BLOCK_C": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1)],
     key=["n", "d", "c", "m", "kd"],
 )
 @triton.jit
@@ -384,7 +383,6 @@ def _prepare(keys, queries, values, query_bias):
     )
     meta = {
         "BLOCK_M": max(16, triton.next_power_of_2(queries.shape[1])),
-        "BLOCK_D": 64 if keys.shape[2] > 32 else 32 if keys.shape[2] > 16 else 16,
         "PRECISION": "ieee" if keys.dtype in (torch.float32, torch.float64) else "tf32",
         "ACC": tl.float64 if acc == torch.float64 else tl.float32,
     }

@@ -221,6 +221,19 @@ def test_triton_forward_matches_reference(n, m, dtype, shared):
     check_forward(out, keys, queries, values, 0.2, dtype)
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_widest_shapes():
+    """M = 64, D = 256, C = 1024: the issue's limits, forward and backward."""
+    keys, queries, values = problem(1, 40, 256, 64, 1024, shared=True)
+    check_forward(triton_kernels.forward(keys, queries, values, 0.06), keys, queries, values,
+                  0.06, torch.float32)  # fmt: skip
+    grads = (torch.randn(1, 64, 1024), torch.randn(1, 64), torch.randn(1, 64, 0))
+    args = (*grads, keys, queries, values, 0.06, None, False, False)
+    for g, e in zip(triton_kernels.backward(*args), cpp_backward(*args), strict=True):
+        if e.numel():
+            assert_rel_close(g, e, 1e-5)
+
+
 @pytest.mark.parametrize("config", triton_kernels.cluster_forward_kernel.configs, ids=str)
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_triton_forward_every_config_caface_form(config):

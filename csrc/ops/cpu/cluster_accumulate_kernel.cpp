@@ -120,6 +120,50 @@ FUSEDSET_VECTOR_CLONES void axpy(acc_t* __restrict y, acc_t a, const acc_t* __re
   }
 }
 
+// out (len) = sum over the m centers of w[j * stride] * rows[j] (rows m x len), plus out itself
+// when add. Four centers per sweep, so out is loaded and stored once per four.
+template <typename acc_t>
+FUSEDSET_VECTOR_CLONES void combine(const acc_t* __restrict w, int64_t stride,
+                                    const acc_t* __restrict rows, int64_t len, int64_t m,
+                                    bool add, acc_t* __restrict out) {
+  if (!add) {
+    std::fill(out, out + len, acc_t(0));
+  }
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const acc_t w0 = w[j * stride], w1 = w[(j + 1) * stride], w2 = w[(j + 2) * stride],
+                w3 = w[(j + 3) * stride];
+    const acc_t* r0 = rows + j * len;
+    const acc_t* r1 = r0 + len;
+    const acc_t* r2 = r1 + len;
+    const acc_t* r3 = r2 + len;
+    for (int64_t t = 0; t < len; ++t) {
+      out[t] += w0 * r0[t] + w1 * r1[t] + w2 * r2[t] + w3 * r3[t];
+    }
+  }
+  for (; j < m; ++j) {
+    axpy(out, w[j * stride], rows + j * len, len);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+FUSEDSET_VECTOR_CLONES void store_cast(const acc_t* __restrict x, int64_t len,
+                                       scalar_t* __restrict out) {
+  for (int64_t t = 0; t < len; ++t) {
+    out[t] = static_cast<scalar_t>(x[t]);
+  }
+}
+
+// out = r dv - radial v, in the output dtype: the value gradient of one image.
+template <typename acc_t, typename scalar_t>
+FUSEDSET_VECTOR_CLONES void store_value_grad(const acc_t* __restrict dv,
+                                             const acc_t* __restrict v, acc_t r, acc_t radial,
+                                             int64_t len, scalar_t* __restrict out) {
+  for (int64_t t = 0; t < len; ++t) {
+    out[t] = static_cast<scalar_t>(r * dv[t] - radial * v[t]);
+  }
+}
+
 // acc (M x cols) += w (M x kBlock, columns 0..count) @ rows (count x cols). Four rows per sweep
 // of acc: a quarter of the loads and stores of acc, which would otherwise bound the loop.
 template <typename acc_t>
@@ -329,51 +373,44 @@ void backward_impl(const ClusterProblem& p, const at::Tensor& grad_num,
     acc_t* t_dq = part + task * row;
     acc_t* t_db = t_dq + m * d;
     Block<scalar_t, acc_t> block(m);
-    std::vector<acc_t> da(m), key_da(m), dk(d), dv(c);
+    std::vector<acc_t> da(m), key_da(m), dl(m * kBlock), dk(d), dv(c);
     for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
       const int64_t count = std::min(kBlock, end - i0);
       block.load(probe, i0, count);
+      const acc_t* a = block.a.data();
+      // dA = dnum v_hat^T + dkey_num k^T + dden; dL = A * (dA - sum_M A dA) * scale.
       for (int64_t i = 0; i < count; ++i) {
-        const acc_t r = block.r[i];
-        const acc_t* k = block.k + i * d;
-        const acc_t* v = block.v + i * c;
-        // dA = dnum v_hat^T + dkey_num k^T + dden; dL = A * (dA - sum_M A dA) * scale.
-        acc_t mean = 0;
-        dots(v, gn, c, m, da.data());
+        dots(block.v + i * c, gn, c, m, da.data());
         if (kd > 0) {
-          dots(k, gk, kd, m, key_da.data());
+          dots(block.k + i * d, gk, kd, m, key_da.data());
+        }
+        acc_t mean = 0;
+        for (int64_t j = 0; j < m; ++j) {
+          da[j] = block.r[i] * da[j] + gd[j] + (kd > 0 ? key_da[j] : acc_t(0));
+          mean += a[j * kBlock + i] * da[j];
         }
         for (int64_t j = 0; j < m; ++j) {
-          da[j] = r * da[j] + gd[j] + (kd > 0 ? key_da[j] : acc_t(0));
-          mean += block.a[j * kBlock + i] * da[j];
+          dl[j * kBlock + i] = a[j * kBlock + i] * (da[j] - mean) * probe.scale;
+          t_db[j] += dl[j * kBlock + i];
         }
-        std::fill(dk.begin(), dk.end(), acc_t(0));
-        std::fill(dv.begin(), dv.end(), acc_t(0));
-        for (int64_t j = 0; j < m; ++j) {
-          const acc_t a = block.a[j * kBlock + i];
-          const acc_t dl = a * (da[j] - mean) * probe.scale;
-          axpy(dk.data(), dl, probe.queries + j * d, d);
-          if (kd > 0) {
-            axpy(dk.data(), a, gk + j * kd, kd);
-          }
-          axpy(t_dq + j * d, dl, k, d);
-          t_db[j] += dl;
-          axpy(dv.data(), a, gn + j * c, c);
+      }
+      accumulate_rows(dl.data(), block.k, d, count, m, t_dq);
+      for (int64_t i = 0; i < count; ++i) {
+        combine(dl.data() + i, kBlock, probe.queries, d, m, false, dk.data());
+        if (kd > 0) {
+          combine(a + i, kBlock, gk, kd, m, true, dk.data());
         }
-        scalar_t* dk_out = dk_all + (b * n + i0 + i) * d;
-        for (int64_t t = 0; t < d; ++t) {
-          dk_out[t] = static_cast<scalar_t>(dk[t]);
-        }
+        store_cast(dk.data(), d, dk_all + (b * n + i0 + i) * d);
+        combine(a + i, kBlock, gn, c, m, false, dv.data());
         // d(v / (|v| + eps)) = r dv - v (v . dv) r^2 / |v|; the radial term vanishes at v = 0.
+        const acc_t r = block.r[i];
+        const acc_t* v = block.v + i * c;
         acc_t radial = 0;
         if (probe.normalize) {
           const acc_t norm = acc_t(1) / r - static_cast<acc_t>(kNormEps);
           radial = norm > 0 ? dot(v, dv.data(), c) * r * r / norm : acc_t(0);
         }
-        scalar_t* dv_out = dv_all + (b * n + i0 + i) * c;
-        for (int64_t t = 0; t < c; ++t) {
-          dv_out[t] = static_cast<scalar_t>(r * dv[t] - radial * v[t]);
-        }
+        store_value_grad(dv.data(), v, r, radial, c, dv_all + (b * n + i0 + i) * c);
       }
     }
   });

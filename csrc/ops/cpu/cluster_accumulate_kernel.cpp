@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -117,6 +118,61 @@ FUSEDSET_VECTOR_CLONES void axpy(acc_t* __restrict y, acc_t a, const acc_t* __re
                                  int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     y[i] += a * x[i];
+  }
+}
+
+// e^x for x <= 0, written so that a loop of it vectorizes (libm's expf does not): x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by Cephes' degree-7 polynomial (relative error about 2e-7), 2^n
+// put into the exponent bits. Below -87, e^x underflows float anyway and is returned as 0.
+inline float exp_nonpositive(float x) {
+  const bool tiny = x < -87.0f;
+  x = tiny ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return tiny ? 0.0f : p * scale;
+}
+
+inline double exp_nonpositive(double x) {
+  return std::exp(x);
+}
+
+// The softmax over centers of each column of logits a (M x kBlock, columns 0..count), in place.
+template <typename acc_t>
+FUSEDSET_VECTOR_CLONES void softmax_columns(acc_t* __restrict a, int64_t count, int64_t m) {
+  acc_t top[kBlock], total[kBlock];
+  std::fill(top, top + count, -std::numeric_limits<acc_t>::infinity());
+  std::fill(total, total + count, acc_t(0));
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t* aj = a + j * kBlock;
+    for (int64_t i = 0; i < count; ++i) {
+      top[i] = aj[i] > top[i] ? aj[i] : top[i];
+    }
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    acc_t* aj = a + j * kBlock;
+    for (int64_t i = 0; i < count; ++i) {
+      aj[i] = exp_nonpositive(aj[i] - top[i]);
+      total[i] += aj[i];
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    total[i] = acc_t(1) / total[i];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    acc_t* aj = a + j * kBlock;
+    for (int64_t i = 0; i < count; ++i) {
+      aj[i] *= total[i];
+    }
   }
 }
 
@@ -249,26 +305,15 @@ struct Block {
     v = rows_as_acc(p.values + i0 * p.c, n * p.c, v_buf);
     for (int64_t i = 0; i < n; ++i) {
       dots(k + i * p.d, p.queries, p.d, p.m, logits.data());
-      acc_t top = -std::numeric_limits<acc_t>::infinity();
       for (int64_t j = 0; j < p.m; ++j) {
-        acc_t& l = a[j * kBlock + i];
-        l = (logits[j] + p.bias[j]) * p.scale;
-        top = std::max(top, l);
-      }
-      acc_t total = 0;
-      for (int64_t j = 0; j < p.m; ++j) {
-        acc_t& l = a[j * kBlock + i];
-        l = std::exp(l - top);
-        total += l;
-      }
-      for (int64_t j = 0; j < p.m; ++j) {
-        a[j * kBlock + i] /= total;
+        a[j * kBlock + i] = (logits[j] + p.bias[j]) * p.scale;
       }
       const acc_t* vi = v + i * p.c;
       r[i] = p.normalize
                  ? acc_t(1) / (std::sqrt(dot(vi, vi, p.c)) + static_cast<acc_t>(kNormEps))
                  : acc_t(1);
     }
+    softmax_columns(a.data(), n, p.m);
   }
 };
 

@@ -1,7 +1,8 @@
 // cluster_accumulate CPU kernels. M is tiny and N huge, so the work is a stream over the images:
-// each task owns a chunk of one probe's images, walks it in blocks of kBlock, keeps the M x kBlock
-// assignment on the stack and folds it into per-task partial sums. The partials are then added in
-// chunk order, so the result depends on the shapes only, never on the thread count or schedule.
+// each task owns a chunk of one probe's images, walks it in blocks of kBlock, keeps the block's
+// M x kBlock assignment in a task-local buffer and folds it into per-task partial sums. The
+// partials are then added in chunk order, so the result depends on the shapes only, never on
+// the thread count or schedule.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -2,6 +2,7 @@
 
 from fusedset import ops
 from fusedset._dispatch import backends, force_reference, reference_forced
+from fusedset.cluster_state import ClusterState
 
 __version__ = "0.1.0"
-__all__ = ["backends", "force_reference", "ops", "reference_forced"]
+__all__ = ["ClusterState", "backends", "force_reference", "ops", "reference_forced"]

@@ -1,6 +1,7 @@
 """Eager PyTorch implementations of every op: simple, slow, and the oracle for kernel tests."""
 
 from fusedset.reference.caface import CAFaceConfig, CAFaceReference
+from fusedset.reference.cluster_accumulate import cluster_accumulate, cluster_accumulate_caface
 from fusedset.reference.facecoresetnet import FaceCoresetNetReference
 from fusedset.reference.quality_fps import quality_fps, quality_fps_select
 from fusedset.reference.style_pool import style_pool
@@ -9,6 +10,8 @@ __all__ = [
     "CAFaceConfig",
     "CAFaceReference",
     "FaceCoresetNetReference",
+    "cluster_accumulate",
+    "cluster_accumulate_caface",
     "quality_fps",
     "quality_fps_select",
     "style_pool",

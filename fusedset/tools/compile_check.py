@@ -285,11 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compile_check: triton is not installed (it comes with CUDA builds of torch)")
         return 2
 
-    from fusedset.triton_kernels import REGISTRY
+    from fusedset.triton_kernels import HELPERS, REGISTRY
 
     modules = _package_modules() + [_import_target(t) for t in args.module]
     registered = [k for k in REGISTRY if not args.only or k.name in args.only]
-    missing = _unregistered(modules, {id(_jit_function(k.kernel)) for k in REGISTRY})
+    checked = {id(_jit_function(k.kernel)) for k in REGISTRY} | {id(h) for h in HELPERS}
+    missing = _unregistered(modules, checked)
     rows = check(registered, args.arch)
     if not args.module and not args.only:
         rows += extension_rows(args.arch)

@@ -4,6 +4,12 @@ Importing this package does not import triton: the kernel modules do, and only t
 dispatch path, the interpreter tests and ``python -m fusedset.tools.compile_check`` load them.
 """
 
-from fusedset.triton_kernels.registry import REGISTRY, CompileVariant, compile_checked
+from fusedset.triton_kernels.registry import (
+    HELPERS,
+    REGISTRY,
+    CompileVariant,
+    compile_checked,
+    compile_checked_helper,
+)
 
-__all__ = ["REGISTRY", "CompileVariant", "compile_checked"]
+__all__ = ["HELPERS", "REGISTRY", "CompileVariant", "compile_checked", "compile_checked_helper"]

@@ -33,6 +33,9 @@ class RegisteredKernel:
 
 
 REGISTRY: list[RegisteredKernel] = []
+# @triton.jit device functions that only registered kernels call: they are compiled, and so
+# checked, inside every variant of those kernels.
+HELPERS: list[Any] = []
 
 K = TypeVar("K")
 
@@ -47,3 +50,9 @@ def compile_checked(*variants: CompileVariant) -> Callable[[K], K]:
         return kernel
 
     return register
+
+
+def compile_checked_helper(fn: K) -> K:
+    """Marks a @triton.jit device function (not a kernel) as checked through its callers."""
+    HELPERS.append(fn)
+    return fn

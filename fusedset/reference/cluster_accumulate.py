@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-5
+
+
+def cluster_accumulate(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """num = softmax_M(Q K^T * scale) V (B, M, C) and den = its row sums (B, M), as the eager
+    composition (matmul, softmax, matmul, sum) in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = keys.shape[-1] ** -0.5
+    logits = queries.to(acc) @ keys.to(acc).transpose(1, 2) * scale
+    assignment = logits.softmax(dim=1)
+    return assignment @ values.to(acc), assignment.sum(-1)
+
+
+def cluster_accumulate_caface(
+    tokens: torch.Tensor,
+    features: torch.Tensor,
+    centers: torch.Tensor,
+    center_bias: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CAFace's form through the plain one: the bias is one more key dimension whose key is 1,
+    and the two value streams (normalized features, tokens) are one concatenated stream."""
+    acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    ones = tokens.new_ones(*tokens.shape[:-1], 1)
+    keys = torch.cat([tokens, ones], -1)
+    queries = torch.cat([centers, center_bias.unsqueeze(-1)], -1)
+    if queries.dim() == 2:
+        queries = queries.unsqueeze(0)
+    f = features.to(acc)
+    unit = f / (torch.linalg.vector_norm(f, dim=-1, keepdim=True) + NORM_EPS)
+    num, den = cluster_accumulate(keys, queries, torch.cat([unit, tokens.to(acc)], -1), scale)
+    c = features.shape[-1]
+    return num[..., :c], num[..., c:], den

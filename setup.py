@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -135,4 +135,10 @@ def _cmdclass():
     return {"build_ext": Build.with_options(use_ninja=True)}
 
 
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+setup(
+    # benchmarks/ is installed as fusedset.bench, so `fusedset bench` runs from any install.
+    packages=[*find_packages(include=["fusedset", "fusedset.*"]), "fusedset.bench"],
+    package_dir={"fusedset.bench": "benchmarks"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+)

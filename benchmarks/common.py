@@ -1,4 +1,4 @@
-"""Timing and reporting shared by the benchmark scripts (one script per op: bench_<op>.py).
+"""Timing, memory and machine facts shared by the benchmarks.
 
 Every ratio is measured side by side in one run: a case times all its implementations on the
 same inputs, one after another, so machine noise hits them alike. Timed tests are not used.
@@ -6,37 +6,84 @@ same inputs, one after another, so machine noise hits them alike. Timed tests ar
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 H100_HBM_BYTES_PER_S = 3.35e12
+MODES = ("smoke", "quick", "full")  # smoke: seconds, for CI; quick: the README's command
+
+
+@dataclass
+class Case:
+    """One size of one op: its implementations are timed on the same rotated inputs.
+
+    ``impls`` maps a name to a callable; the first is fusedset's, the others are baselines.
+    ``bytes_moved`` is the floor per pass: bytes a perfect kernel must read and write.
+    """
+
+    op: str
+    label: str
+    size: int  # the x axis of the plots: images N, or elements for per-element ops
+    make_inputs: Callable[[str], list[tuple]]  # device -> input tuples to rotate through
+    impls: dict[str, Callable]
+    bytes_moved: dict[str, float] = field(default_factory=dict)
+    backward: bool = True  # also time forward+backward
+    repeats: int = 7
+    series: str = ""  # cases of one op that form separate lines in the plot (e.g. a layout)
 
 
 @dataclass
 class Measurement:
     op: str
     case: str
+    size: int
     impl: str
     pass_: str  # "forward" or "forward+backward"
     median_s: float
-    bytes_moved: float | None = None  # the floor: bytes a perfect kernel must read and write
-    extra: dict = field(default_factory=dict)
+    peak_extra_bytes: int | None
+    bytes_moved: float | None = None
+    series: str = ""
 
     @property
     def gb_per_s(self) -> float | None:
         return None if self.bytes_moved is None else self.bytes_moved / self.median_s / 1e9
 
 
-def time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int = 2, repeats: int = 9) -> float:
+def _status_kib(field_name: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field_name}:\s+(\d+) kB", status).group(1))
+
+
+def peak_extra_memory(fn: Callable[[], object], device: str) -> int | None:
+    """Bytes the call needs beyond what was allocated before it: on CUDA the allocator's peak;
+    on a Linux CPU the growth of the process's peak resident set (reset through
+    /proc/self/clear_refs), which does not count memory the allocator reuses from earlier calls."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+        fn()
+        return max(0, _status_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
+def time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int = 1, repeats: int = 7) -> float:
     """Median seconds of ``fn(*args)``, rotating through ``inputs`` so that no call finds its
     input already in cache from the call before."""
     for i in range(warmup):
@@ -59,24 +106,22 @@ def time_cuda(fn: Callable, inputs: Sequence[tuple]) -> float:
     return ms / 1e3
 
 
-def time_fn(fn: Callable, inputs: Sequence[tuple], device: str, repeats: int = 9) -> float:
-    if device == "cuda":
-        return time_cuda(fn, inputs)
-    return time_cpu(fn, inputs, repeats=repeats)
-
-
 def forward_backward(fn: Callable) -> Callable:
     """fn(*args) followed by a backward pass of sum(outputs) into the inputs that need grad."""
 
     def run(*args):
         out = fn(*args)
         outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward([o.sum() for o in outs])
+        torch.autograd.backward([o.sum() for o in outs if o.requires_grad])
         for a in args:
             if isinstance(a, torch.Tensor):
                 a.grad = None
 
     return run
+
+
+def h100_roofline_s(bytes_moved: float) -> float:
+    return bytes_moved / H100_HBM_BYTES_PER_S
 
 
 def git_revision() -> str | None:
@@ -92,6 +137,15 @@ def git_revision() -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    match = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    return match.group(1).strip() if match else platform.machine()
+
+
 def machine_info(device: str) -> dict:
     try:
         import triton
@@ -100,55 +154,11 @@ def machine_info(device: str) -> dict:
     except ImportError:
         triton_version = None
     return {
-        "device": torch.cuda.get_device_name()
-        if device == "cuda"
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "device_type": device,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton_version,
         "git_revision": git_revision(),
     }
-
-
-def format_table(rows: Sequence[Measurement], baselines: Sequence[str]) -> str:
-    """One line per (case, pass, impl): median time, GB/s, speedup of each impl over each
-    baseline measured in the same case and pass."""
-    by_key = {(r.case, r.pass_, r.impl): r for r in rows}
-    header = ["case", "pass", "impl", "median ms", "GB/s", *[f"x vs {b}" for b in baselines]]
-    lines = [header]
-    for r in rows:
-        cells = [r.case, r.pass_, r.impl, f"{r.median_s * 1e3:.3f}"]
-        cells.append("-" if r.gb_per_s is None else f"{r.gb_per_s:.1f}")
-        for b in baselines:
-            base = by_key.get((r.case, r.pass_, b))
-            cells.append("-" if base is None else f"{base.median_s / r.median_s:.2f}")
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines
-    )
-
-
-def speedups(rows: Sequence[Measurement], impl: str, baseline: str) -> dict[tuple[str, str], float]:
-    by_key = {(r.case, r.pass_, r.impl): r for r in rows}
-    return {
-        (r.case, r.pass_): by_key[(r.case, r.pass_, baseline)].median_s / r.median_s
-        for r in rows
-        if r.impl == impl and (r.case, r.pass_, baseline) in by_key
-    }
-
-
-def write_json(path: Path, op: str, device: str, rows: Sequence[Measurement], notes: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "op": op,
-        "machine": machine_info(device),
-        "notes": notes,
-        "results": [{**asdict(r), "gb_per_s": r.gb_per_s} for r in rows],
-    }
-    path.write_text(json.dumps(payload, indent=2))
-
-
-def h100_roofline_ms(bytes_moved: float) -> float:
-    return bytes_moved / H100_HBM_BYTES_PER_S * 1e3

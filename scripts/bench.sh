@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up (see scripts/setup.sh), then run the benchmark suite (quick mode unless
-# other arguments are given; see benchmarks/run.py --help).
+# Set everything up (see scripts/setup.sh), then run the benchmark suite: `fusedset bench
+# --quick` unless other arguments are given (see `fusedset bench --help`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -8,4 +8,4 @@ source scripts/setup.sh
 if [ $# -eq 0 ]; then
   set -- --quick
 fi
-python benchmarks/run.py "$@"
+fusedset bench "$@"

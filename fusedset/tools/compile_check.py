@@ -4,9 +4,10 @@
 
 For each registered kernel, each of its variants and each autotune config, ``triton.compile``
 targets the architecture, Triton's bundled ``ptxas -v`` reads the PTX back, and a table of
-registers, spill bytes and shared memory is printed. Exits 1 on any compile error, any spill,
-shared memory over the architecture's limit, or a kernel that was never registered.
-Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
+registers, spill bytes and shared memory is printed. The CUDA C++ kernels already compiled into
+``fusedset._C`` are listed the same way (from ``cuobjdump --dump-resource-usage``). Exits 1 on
+any compile error, any spill, shared memory over the architecture's limit, or a kernel that was
+never registered. Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
 """
 
 from __future__ import annotations
@@ -101,11 +102,15 @@ def _unregistered(modules: Iterable[ModuleType], registered: set[int]) -> list[s
     return missing
 
 
-def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers, spill store + load bytes, static shared bytes) from ptxas -v."""
+def _nvidia_tool(name: str) -> Path:
     import triton
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store + load bytes, static shared bytes) from ptxas -v."""
+    ptxas = _nvidia_tool("ptxas")
     target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
     gpu_name = target.group(1) if target else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +177,58 @@ def check(registered, archs: Sequence[int]) -> list[Row]:
     return rows
 
 
+def _demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return names
+    return out.splitlines()
+
+
+def extension_rows(archs: Sequence[int]) -> list[Row]:
+    """Resource usage of the CUDA C++ kernels compiled into fusedset._C (none in a CPU build).
+
+    cuobjdump reports spills as LOCAL bytes per thread."""
+    spec = importlib.util.find_spec("fusedset._C")
+    if spec is None or spec.origin is None:
+        return []
+    result = subprocess.run(
+        [str(_nvidia_tool("cuobjdump")), "--dump-resource-usage", spec.origin],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    rows, mangled = [], []
+    arch = None
+    for line in result.stdout.splitlines():
+        if match := re.match(r"arch = sm_(\d+)", line.strip()):
+            arch = int(match.group(1))
+        elif match := re.match(r"\s*Function (\S+):", line):
+            mangled.append(match.group(1))
+        elif line.strip().startswith("REG:") and arch in archs:
+            usage = dict(re.findall(r"(\w+):(\d+)", line))
+            rows.append(
+                Row(
+                    kernel=mangled[-1],
+                    variant="",
+                    config="CUDA C++",
+                    arch=arch,
+                    registers=int(usage["REG"]),
+                    spill_bytes=int(usage["LOCAL"]),
+                    shared_bytes=int(usage["SHARED"]),
+                )
+            )
+    for row, name in zip(rows, _demangle([r.kernel for r in rows]), strict=True):
+        # "ns::kernel<T, acc, flag>(args)" -> kernel "kernel", variant "<T, acc, flag>"
+        head = name.replace("(anonymous namespace)::", "").split("(")[0]
+        base, _, targs = head.partition("<")
+        row.kernel = base.split("::")[-1]
+        row.variant = f"<{targs}" if targs else "-"
+    return rows
+
+
 def format_table(rows: Sequence[Row]) -> str:
     header = ("kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "status")
     lines = [header]
@@ -235,15 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     checked = {id(_jit_function(k.kernel)) for k in REGISTRY} | {id(h) for h in HELPERS}
     missing = _unregistered(modules, checked)
     rows = check(registered, args.arch)
+    if not args.module and not args.only:
+        rows += extension_rows(args.arch)
 
     if rows:
         print(format_table(rows))
     failed = [r for r in rows if r.failed]
     for name in missing:
         print(f"UNREGISTERED {name}: decorate it with fusedset.triton_kernels.compile_checked")
-    kernels = len({r.kernel for r in rows})
+    kernels = len({(r.kernel, r.config == "CUDA C++") for r in rows})
     print(
-        f"compile_check: {len(rows)} compilations of {kernels} kernels for "
+        f"compile_check: {len(rows)} kernel builds ({kernels} kernels) for "
         f"{', '.join(f'sm_{a}' for a in args.arch)}: {len(failed)} failed, "
         f"{len(missing)} unregistered"
     )

@@ -17,6 +17,8 @@ namespace {
 constexpr int64_t kLanes = 16;
 // Channels reduced together in channels_last rows: a 256-byte slice of each pixel.
 constexpr int64_t kChannelBlock = 64;
+// Values per parallel task: enough work to pay for handing the task to a thread.
+constexpr int64_t kValuesPerTask = 32768;
 
 template <typename acc_t>
 struct Stats {
@@ -65,55 +67,58 @@ Stats<acc_t> row_stats(const scalar_t* row, int64_t n) {
   return corrected_stats(mean, sum_dev, sum_sq_dev, n);
 }
 
+// Contiguous: each (b, c) row of H*W values is one task.
+template <typename Body>
+void for_each_row(const at::Tensor& x, const Body& body) {
+  const int64_t rows = x.size(0) * x.size(1);
+  const int64_t n = x.size(2) * x.size(3);
+  const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      body(r, n);
+    }
+  });
+}
+
 template <typename scalar_t>
 void contiguous_forward(const at::Tensor& x, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = x.size(0) * x.size(1);
-  const int64_t n = x.size(2) * x.size(3);
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const Stats<acc_t> s = row_stats<scalar_t, acc_t>(data + r * n, n);
-      dst[2 * r] = static_cast<scalar_t>(s.mean);
-      dst[2 * r + 1] = static_cast<scalar_t>(s.std);
-    }
+  for_each_row(x, [&](int64_t r, int64_t n) {
+    const Stats<acc_t> s = row_stats<scalar_t, acc_t>(data + r * n, n);
+    dst[2 * r] = static_cast<scalar_t>(s.mean);
+    dst[2 * r + 1] = static_cast<scalar_t>(s.std);
   });
 }
 
 template <typename scalar_t>
 void contiguous_backward(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dx) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = x.size(0) * x.size(1);
-  const int64_t n = x.size(2) * x.size(3);
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = data + r * n;
-      const Stats<acc_t> s = row_stats<scalar_t, acc_t>(row, n);
-      const RowGrad<acc_t> d(static_cast<acc_t>(g[2 * r]), static_cast<acc_t>(g[2 * r + 1]),
-                             s.mean, s.std, n);
-      for (int64_t i = 0; i < n; ++i) {
-        dst[r * n + i] = static_cast<scalar_t>(d(static_cast<acc_t>(row[i])));
-      }
+  for_each_row(x, [&](int64_t r, int64_t n) {
+    const scalar_t* row = data + r * n;
+    const Stats<acc_t> s = row_stats<scalar_t, acc_t>(row, n);
+    const RowGrad<acc_t> d(static_cast<acc_t>(g[2 * r]), static_cast<acc_t>(g[2 * r + 1]),
+                           s.mean, s.std, n);
+    for (int64_t i = 0; i < n; ++i) {
+      dst[r * n + i] = static_cast<scalar_t>(d(static_cast<acc_t>(row[i])));
     }
   });
 }
 
 // channels_last: per image, an (H*W, C) row-major matrix. A block of channels is reduced down
 // the H*W axis with the channel index innermost, so loads stay contiguous and vectorize.
-template <typename scalar_t, typename Body>
+template <typename Body>
 void for_each_channel_block(const at::Tensor& x, const Body& body) {
   const int64_t batch = x.size(0);
   const int64_t channels = x.size(1);
   const int64_t n = x.size(2) * x.size(3);
   const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
   const int64_t grain =
-      std::max<int64_t>(1, 32768 / std::max<int64_t>(n * kChannelBlock, 1));
+      std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(n * kChannelBlock, 1));
   at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks;
@@ -157,7 +162,7 @@ void channels_last_forward(const at::Tensor& x, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  for_each_channel_block<scalar_t>(
+  for_each_channel_block(
       x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
         Stats<acc_t> stats[kChannelBlock];
         channel_block_stats(data + b * n * channels, c0, width, channels, n, stats);
@@ -174,7 +179,7 @@ void channels_last_backward(const at::Tensor& grad, const at::Tensor& x, at::Ten
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
-  for_each_channel_block<scalar_t>(
+  for_each_channel_block(
       x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
         const scalar_t* image = data + b * n * channels;
         Stats<acc_t> stats[kChannelBlock];

@@ -66,7 +66,7 @@ __device__ void warp_allreduce(Welford<acc_t>& w) {
 
 template <typename scalar_t, typename acc_t, bool kBackward>
 __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
-    contiguous_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t n,
+    style_pool_contiguous_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t n,
                       const scalar_t* __restrict__ grad, scalar_t* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
 
 template <typename scalar_t, typename acc_t, bool kBackward>
 __global__ void __launch_bounds__(kTileChannels* kTileRows)
-    channels_last_kernel(const scalar_t* __restrict__ x, int64_t channels, int64_t n,
+    style_pool_channels_last_kernel(const scalar_t* __restrict__ x, int64_t channels, int64_t n,
                          const scalar_t* __restrict__ grad, scalar_t* __restrict__ out) {
   __shared__ acc_t s_mean[kTileRows][kTileChannels];
   __shared__ acc_t s_m2[kTileRows][kTileChannels];
@@ -161,12 +161,12 @@ void launch(const at::Tensor& x, StylePoolLayout layout, const at::Tensor* grad,
     if (layout == StylePoolLayout::kContiguous) {
       const int64_t rows = batch * channels;
       const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
-      contiguous_kernel<scalar_t, acc_t, kBackward>
+      style_pool_contiguous_kernel<scalar_t, acc_t, kBackward>
           <<<grid, kWarp * kRowsPerBlock, 0, stream>>>(src, rows, n, g, dst);
     } else {
       const int64_t tiles = (channels + kTileChannels - 1) / kTileChannels;
       const dim3 grid(static_cast<unsigned>(batch * tiles));
-      channels_last_kernel<scalar_t, acc_t, kBackward>
+      style_pool_channels_last_kernel<scalar_t, acc_t, kBackward>
           <<<grid, dim3(kTileChannels, kTileRows), 0, stream>>>(src, channels, n, g, dst);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

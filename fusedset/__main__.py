@@ -1,0 +1,5 @@
+import sys
+
+from fusedset.cli import main
+
+sys.exit(main())

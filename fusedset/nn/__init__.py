@@ -1,0 +1,22 @@
+"""The layers users import, and the loading of the released CAFace and FaceCoresetNet
+checkpoints."""
+
+from fusedset.nn.checkpoints import (
+    CheckpointKeyError,
+    caface_state_dict,
+    facecoresetnet_state_dict,
+    load_caface_reference,
+    load_checked,
+    load_facecoresetnet_reference,
+    read_state_dict,
+)
+
+__all__ = [
+    "CheckpointKeyError",
+    "caface_state_dict",
+    "facecoresetnet_state_dict",
+    "load_caface_reference",
+    "load_checked",
+    "load_facecoresetnet_reference",
+    "read_state_dict",
+]

@@ -1,0 +1,49 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import fusedset
+
+
+def test_extension_is_built_and_loaded():
+    """CI builds the extension: the kernel tests must not silently run on a fallback."""
+    available = fusedset.backends()
+    assert available["cpp_cpu"], available
+    assert available["reference_forced"] is False
+
+
+def test_cuda_kernels_are_built_when_torch_is_a_cuda_build_and_nvcc_is_found():
+    """The default build (FUSEDSET_BUILD_CUDA=auto) compiles every .cu file for sm_80 and sm_90."""
+    if torch.version.cuda is None:
+        assert fusedset.backends()["cuda_kernels"] is False
+    elif shutil.which("nvcc") and os.environ.get("FUSEDSET_BUILD_CUDA", "auto") != "0":
+        assert fusedset.backends()["cuda_kernels"], fusedset.backends()
+
+
+def test_import_works_without_a_gpu():
+    code = (
+        "import fusedset, torch; assert not torch.cuda.is_available(); print(fusedset.__version__)"
+    )
+    env_hides_gpus = {"CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env_hides_gpus},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == fusedset.__version__
+
+
+def test_force_reference_switch_nests_and_restores():
+    assert not fusedset.reference_forced()
+    with fusedset.force_reference():
+        assert fusedset.reference_forced()
+        with fusedset.force_reference(False):
+            assert not fusedset.reference_forced()
+        assert fusedset.reference_forced()
+    assert not fusedset.reference_forced()

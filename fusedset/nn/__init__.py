@@ -1,6 +1,7 @@
 """The layers users import, and the loading of the released CAFace and FaceCoresetNet
 checkpoints."""
 
+from fusedset.nn.caface import CAFace, CAFaceStream
 from fusedset.nn.checkpoints import (
     CheckpointKeyError,
     caface_state_dict,
@@ -12,6 +13,8 @@ from fusedset.nn.checkpoints import (
 )
 
 __all__ = [
+    "CAFace",
+    "CAFaceStream",
     "CheckpointKeyError",
     "caface_state_dict",
     "facecoresetnet_state_dict",

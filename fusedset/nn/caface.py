@@ -45,6 +45,12 @@ def _transformer_block(block: TransformerBlock, x: torch.Tensor) -> torch.Tensor
     return x + block.mlp(block.norm2(x))
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def _check_normalization(normalization: str) -> None:
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be 'official' or 'paper', got {normalization!r}")
@@ -158,8 +164,7 @@ class CAFace(CAFaceReference):
     def _check_inputs(self, features: torch.Tensor, style_stats: torch.Tensor) -> None:
         if not isinstance(features, torch.Tensor) or features.dim() != 3:
             raise ValueError(
-                f"CAFace: features must be a (B, N, C) tensor, got "
-                f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}"
+                f"CAFace: features must be a (B, N, C) tensor, got {_describe(features)}"
             )
         b, n, c = features.shape
         if n == 0:
@@ -171,8 +176,9 @@ class CAFace(CAFaceReference):
             )
         expected = (b, n, self.config.style_channels, 2)
         if not isinstance(style_stats, torch.Tensor) or tuple(style_stats.shape) != expected:
-            got = tuple(style_stats.shape) if isinstance(style_stats, torch.Tensor) else style_stats
-            raise ValueError(f"CAFace: style_stats must have shape {expected}, got {got}")
+            raise ValueError(
+                f"CAFace: style_stats must have shape {expected}, got {_describe(style_stats)}"
+            )
         for name, value in (("features", features), ("style_stats", style_stats)):
             if not torch.isfinite(value).all():
                 raise ValueError(f"CAFace: {name} holds NaN or Inf")

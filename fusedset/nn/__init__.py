@@ -1,6 +1,7 @@
 """The layers users import, and the loading of the released CAFace and FaceCoresetNet
 checkpoints."""
 
+from fusedset.nn.caface import CAFace, CAFaceStream
 from fusedset.nn.checkpoints import (
     CheckpointKeyError,
     caface_state_dict,
@@ -14,6 +15,8 @@ from fusedset.nn.facecoresetnet import FaceCoresetNet
 from fusedset.nn.folded_attention import folded_cross_attention
 
 __all__ = [
+    "CAFace",
+    "CAFaceStream",
     "CheckpointKeyError",
     "FaceCoresetNet",
     "caface_state_dict",

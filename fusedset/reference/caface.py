@@ -325,14 +325,18 @@ class CAFaceReference(nn.Module):
         """(B, N, 1) -> (B, N, norm_dim)."""
         return self.norm_emb(norms)
 
+    def tokens(self, norms: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """Feature norms (B, N, 1), the quality signal, and style embedding -> CN input tokens
+        (B, N, D)."""
+        return torch.cat([style, self.norm_embedding(norms)], dim=-1)
+
     def encode(
         self, features: torch.Tensor, style: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw features (B, N, C) and style embedding -> values (B, N, C), tokens (B, N, D). The
-        norm, the quality signal, enters only through the tokens."""
+        norm enters only through the tokens: the values are unit directions."""
         norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
-        tokens = torch.cat([style, self.norm_embedding(norms)], dim=-1)
-        return features / (norms + FEATURE_EPS), tokens
+        return features / (norms + FEATURE_EPS), self.tokens(norms, style)
 
     def cluster_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The CN transformer: (B, N, D) -> (B, N, D). The centers attend with the tokens, but

@@ -1,0 +1,259 @@
+"""fusedset.nn.CAFace: the released CAFace aggregator, fast and at any N.
+
+Same parameters and state dict as the released ``StyleBasedAggregator`` (it subclasses the eager
+reference, ``fusedset.reference.CAFaceReference``), three things faster:
+
+- the Cluster Network's transformer runs on ``scaled_dot_product_attention``;
+- the assignment is one pass of ``fusedset.ops.cluster_accumulate_caface``: the key projection is
+  folded into the centers (``(W_k^T q_j) . x_i + q_j . b_k``), features are normalized in the
+  kernel, both value streams share the pass, and neither the keys nor the M x N assignment map is
+  ever formed;
+- streaming fuses a probe chunk by chunk into a ``fusedset.ClusterState`` of constant size, and
+  an update holding many chunks runs them through the transformer as one batch (the released
+  memory mode clusters each chunk on its own, so this is exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fusedset.cluster_state import ClusterState, Normalization
+from fusedset.nn.checkpoints import CheckpointSource, caface_state_dict, load_checked
+from fusedset.ops import cluster_accumulate_caface, style_pool
+from fusedset.reference.caface import (
+    CAFaceConfig,
+    CAFaceOutput,
+    CAFaceReference,
+    TransformerBlock,
+    cluster_assignment,
+)
+
+_NORMALIZATIONS = ("official", "paper")
+
+
+def _transformer_block(block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """The reference block with fused attention: same weights, same math."""
+    attn = block.attn
+    batch, length, dim = x.shape
+    qkv = attn.qkv(block.norm1(x)).view(batch, length, 3, attn.num_heads, dim // attn.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, dim)
+    x = x + attn.proj(mixed)
+    return x + block.mlp(block.norm2(x))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be 'official' or 'paper', got {normalization!r}")
+
+
+class CAFace(CAFaceReference):
+    """Drop-in CAFace: ``model(features, style_stats)`` is the released ``aggregated``.
+
+    ``features`` (B, N, C) are raw backbone embeddings (the norm is the quality signal),
+    ``style_stats`` (B, N, 384, 2) the [mean, std] of backbone blocks 3 and 5
+    (``style_stats_from_maps``). ``details`` returns every intermediate of the released model,
+    ``fusion_weights`` each image's share of the result, ``stream`` fuses any N in chunks.
+    """
+
+    @classmethod
+    def from_official(cls, source: CheckpointSource, num_heads: int = 8) -> CAFace:
+        """Loads the released aggregator state dict, or the released Lightning checkpoint (keys
+        under ``aggregator.``; backbone keys ignored), with ``torch.load(weights_only=True)``.
+        The configuration follows from the keys; missing or unexpected keys are named in a
+        ``CheckpointKeyError``. Returns the model in eval mode."""
+        state_dict = caface_state_dict(source)
+        model = cls(CAFaceConfig.from_state_dict(state_dict, num_heads))
+        load_checked(model, state_dict, "released CAFace aggregator")
+        return model.eval()
+
+    @staticmethod
+    def style_stats_from_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Backbone feature maps [(I, 128, 28, 28), (I, 256, 14, 14)] of I images -> style stats
+        (I, 384, 2), through ``fusedset.ops.style_pool``."""
+        if not maps:
+            raise ValueError("style_stats_from_maps: maps must hold at least one (I, C, H, W) map")
+        return torch.cat([style_pool(m) for m in maps], dim=1)
+
+    def cluster_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([tokens, self.centers.expand(tokens.shape[0], -1, -1)], dim=1)
+        for block in self.fusion_net.clustering_layer.blocks:
+            x = _transformer_block(block, x)
+        return x[:, : tokens.shape[1]]
+
+    def folded_centers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_k^T q_j) (M, D) and q_j . b_k (M,): the assignment queries with the key projection
+        folded in, so the kernel reads the LayerNorm'd tokens as keys directly."""
+        block = self.fusion_net.clustering_layer.cluster_block
+        queries = block.assign.q_proj(block.norm_tokens(self.centers))[0]
+        return queries @ block.assign.k_proj.weight, queries @ block.assign.k_proj.bias
+
+    def cluster_sums(
+        self, features: torch.Tensor, style_stats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk (or one call): -> A F_hat (B, M, C), A x (B, M, D), A 1 (B, M), and the
+        LayerNorm'd tokens x (B, N, D)."""
+        norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
+        tokens = self.cluster_tokens(self.tokens(norms, self.style_embedding(style_stats)))
+        styles = self.fusion_net.clustering_layer.cluster_block.norm_x(tokens)
+        centers, bias = self.folded_centers()
+        feature_num, token_num, den = cluster_accumulate_caface(
+            styles, features, centers.to(styles.dtype), bias.to(styles.dtype), self.config.dim**-0.5
+        )
+        return feature_num, token_num, den, styles
+
+    def _one_call(self, features: torch.Tensor, style_stats: torch.Tensor):
+        self._check_inputs(features, style_stats)
+        feature_num, token_num, den, styles = self.cluster_sums(features, style_stats)
+        # The released single call divides by max(r, 1) with the clip detached.
+        divisor = den.clamp_min(1).detach()[..., None]
+        cluster_feature, cluster_style = feature_num / divisor, token_num / divisor
+        aggregated, confidence = self.aggregate(cluster_feature, cluster_style)
+        return aggregated, cluster_feature, cluster_style, confidence, den, styles
+
+    def forward(self, features: torch.Tensor, style_stats: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The whole set in one call -> the fused feature (B, C), the released ``aggregated``."""
+        return self._one_call(features, style_stats)[0]
+
+    def details(self, features: torch.Tensor, style_stats: torch.Tensor) -> CAFaceOutput:
+        """Every intermediate of the released model: aggregated, F', S', confidence P, the
+        assignment map A (B, M, N; formed here only) and the style embedding."""
+        aggregated, cluster_feature, cluster_style, confidence, _, styles = self._one_call(
+            features, style_stats
+        )
+        centers, bias = self.folded_centers()
+        queries = torch.cat([centers, bias[:, None]], dim=-1)[None]
+        keys = torch.cat([styles, styles.new_ones(*styles.shape[:-1], 1)], dim=-1)
+        assignment = cluster_assignment(queries, keys, self.config.dim**-0.5)
+        return CAFaceOutput(
+            aggregated,
+            cluster_feature,
+            cluster_style,
+            confidence,
+            assignment,
+            self.style_embedding(style_stats),
+        )
+
+    def fusion_weights(self, features: torch.Tensor, style_stats: torch.Tensor) -> torch.Tensor:
+        """Each image's weight in the fused feature (B, N), the paper's Supp. F view:
+        ``aggregated = sum_i w_i * f_i / ||f_i||`` with ``w_i = sum_j P_j A_ji / max(r_j, 1)``,
+        averaged over channels when the confidence is per channel."""
+        out = self.details(features, style_stats)
+        divisor = out.assignment.sum(-1).clamp_min(1)[..., None]
+        per_channel = torch.einsum("bmn,bmc->bnc", out.assignment / divisor, out.confidence_weight)
+        return per_channel.mean(-1)
+
+    def stream(
+        self,
+        batch_size: int,
+        normalization: Normalization = "official",
+        chunk_size: int | None = None,
+    ) -> CAFaceStream:
+        """A constant-size accumulator for B probes of any length (see ``CAFaceStream``)."""
+        return CAFaceStream(self, batch_size, normalization, chunk_size)
+
+    def _check_inputs(self, features: torch.Tensor, style_stats: torch.Tensor) -> None:
+        if not isinstance(features, torch.Tensor) or features.dim() != 3:
+            raise ValueError(
+                f"CAFace: features must be a (B, N, C) tensor, got {_describe(features)}"
+            )
+        b, n, c = features.shape
+        if n == 0:
+            raise ValueError("CAFace: features holds an empty set (N = 0); a probe needs an image")
+        if self.config.confidence_dim not in (1, c):
+            raise ValueError(
+                f"CAFace: features must have {self.config.confidence_dim} channels to match the "
+                f"confidence width of this model, got {c}"
+            )
+        expected = (b, n, self.config.style_channels, 2)
+        if not isinstance(style_stats, torch.Tensor) or tuple(style_stats.shape) != expected:
+            raise ValueError(
+                f"CAFace: style_stats must have shape {expected}, got {_describe(style_stats)}"
+            )
+        for name, value in (("features", features), ("style_stats", style_stats)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"CAFace: {name} holds NaN or Inf")
+
+
+class CAFaceStream:
+    """Fuses B probes chunk by chunk with the released memory mode (or the paper's Eq. 7).
+
+    Each chunk is clustered on its own and added to a ``fusedset.ClusterState``; ``result()``
+    aggregates what has been seen. With ``chunk_size`` unset, every ``update`` is one chunk (as a
+    caller of the released code feeds them); with it set, an update of n frames is
+    ``n // chunk_size`` chunks of that size, run as one batch, and one shorter chunk for the rest.
+    Memory is bounded by the largest update, whatever the total N.
+    """
+
+    def __init__(
+        self,
+        model: CAFace,
+        batch_size: int,
+        normalization: Normalization = "official",
+        chunk_size: int | None = None,
+    ) -> None:
+        _check_normalization(normalization)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"CAFaceStream: chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.normalization = normalization
+        self.chunk_size = chunk_size
+        self.state = ClusterState()
+
+    def update(self, features: torch.Tensor, style_stats: torch.Tensor) -> CAFaceStream:
+        """Adds frames (B, n, C) with their style stats (B, n, 384, 2). On an error (bad shapes,
+        NaN) the stream is unchanged."""
+        self.model._check_inputs(features, style_stats)
+        if features.shape[0] != self.batch_size:
+            raise ValueError(
+                f"CAFaceStream.update: features must hold {self.batch_size} probes (the stream's "
+                f"batch size), got {features.shape[0]}"
+            )
+        n = features.shape[1]
+        size = self.chunk_size or n
+        full = (n // size) * size
+        parts = []
+        if full:
+            # Equal chunks share one batched pass: (B, T*S, ...) -> (B*T, S, ...).
+            count = full // size
+            sums = self.model.cluster_sums(
+                features[:, :full].reshape(-1, size, features.shape[-1]),
+                style_stats[:, :full].reshape(-1, size, *style_stats.shape[2:]),
+            )[:3]
+            parts += [
+                tuple(s.view(self.batch_size, count, *s.shape[1:])[:, t] for s in sums)
+                for t in range(count)
+            ]
+        if full < n:
+            parts.append(self.model.cluster_sums(features[:, full:], style_stats[:, full:])[:3])
+        staged = ClusterState().load_state_dict(self.state.state_dict())
+        for feature_num, token_num, den in parts:
+            staged.update(feature_num, den, token_num)
+        self.state = staged
+        return self
+
+    def merge(self, other: CAFaceStream) -> CAFaceStream:
+        """Adds what another stream of the same probes has seen (e.g. another process's)."""
+        self.state.merge(other.state)
+        return self
+
+    def result(self) -> torch.Tensor:
+        """The fused feature (B, C) of every frame seen so far."""
+        aggregated, _ = self.model.aggregate(
+            self.state.result(self.normalization), self.state.token_result(self.normalization)
+        )
+        return aggregated
+
+    def cluster_feature(self) -> torch.Tensor:
+        """F' (B, M, C) of every frame seen so far."""
+        return self.state.result(self.normalization)

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from fusedset.ops._checks import all_finite
 from fusedset.ops.cluster_accumulate import cluster_accumulate
 
 Normalization = Literal["paper", "official"]
@@ -69,7 +70,7 @@ class ClusterState:
         what = f"chunk {label}"
         self._check_compatible({k: v for k, v in parts.items() if v is not None}, num.dtype, what)
         for name, value in parts.items():
-            if value is not None and not torch.isfinite(value).all():
+            if value is not None and not all_finite(value):
                 raise ValueError(
                     f"ClusterState.update: {what} has NaN or Inf in {name}; the state is unchanged"
                 )

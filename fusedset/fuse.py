@@ -28,6 +28,7 @@ import torch
 
 from fusedset.data.ijb import style_path
 from fusedset.eval.fusion import Template, get_method
+from fusedset.ops._checks import all_finite
 
 OUTPUT_SUFFIXES = (".npz", ".safetensors")
 
@@ -169,7 +170,7 @@ def fuse_templates(
         tqdm(groups, unit="template", disable=not progress, dynamic_ncols=True)
     ):
         features = torch.from_numpy(np.asarray(images.features[rows], dtype=np.float32))
-        if not torch.isfinite(features).all():
+        if not all_finite(features):
             raise FuseInputError(f"{images.source}: template {template} has NaN or Inf features")
         style = None
         if images.style is not None:

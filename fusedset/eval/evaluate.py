@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,21 +125,24 @@ def evaluate(
     features: np.ndarray,
     style: np.ndarray | None,
     methods: Sequence[str],
-    checkpoint: str | None = None,
+    checkpoints: Mapping[str, str] | None = None,
 ) -> list[MethodResult]:
     """Fuse with each method and compute 1:1 TAR@FAR (``metrics.FARS``) and, when the meta has
     1:N lists, rank-1/rank-5 and TPIR at FPIR 1% (galleries pooled, as insightface does).
+    ``checkpoints`` maps each learned method to its checkpoint.
 
     Raises:
         KeyError: an unknown method.
-        ValueError: a method needs a checkpoint or style statistics that are not there.
+        ValueError: a method needs a checkpoint or style statistics that are not there, or a
+            checkpoint cannot be loaded (``CheckpointError``).
         MetaFileError: the meta files and features disagree.
     """
+    checkpoints = dict(checkpoints or {})
     chosen = [get_method(name) for name in methods]
     templates = TemplateSet(meta, features, style)
     for method in chosen:
-        if method.needs_checkpoint and checkpoint is None:
-            raise ValueError(f"method {method.name!r} needs --checkpoint")
+        if method.needs_checkpoint and method.name not in checkpoints:
+            raise ValueError(f"method {method.name!r} needs a checkpoint (--checkpoint)")
         if method.needs_style and not templates.has_style:
             raise ValueError(f"method {method.name!r} needs style statistics (*_style.npy)")
     pair_file = f"{meta.prefix}_template_pair_label.txt"
@@ -151,10 +154,12 @@ def evaluate(
         gallery_rows = templates.rows(gallery[:, 0], "the 1:N gallery")
         probe_rows = templates.rows(meta.probes[:, 0], "the 1:N probe list")
 
+    # Every checkpoint is loaded before any fusing, so a bad one fails at once.
+    fusers = [method.build(checkpoints.get(method.name)) for method in chosen]
     results = []
-    for method in chosen:
+    for method, fuser in zip(chosen, fusers, strict=True):
         start = time.perf_counter()
-        fused = templates.fuse(method.build(checkpoint))
+        fused = templates.fuse(fuser)
         seconds = time.perf_counter() - start
         scores = pair_scores(fused, first, second)
         fpr, tpr = metrics.roc(labels, scores)

@@ -42,13 +42,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever torch.load raises, the file is not a checkpoint
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from exc
+        raise CheckpointError(
+            f"{path}: not a checkpoint that torch.load(weights_only=True) reads "
+            f"({_load_failure(exc)})"
+        ) from exc
     if not isinstance(stored, Mapping):
         raise CheckpointError(
             f"{path}: expected a state dict or a checkpoint dict, found {type(stored).__name__}"
         )
     return dict(stored)
+
+
+def _load_failure(exc: Exception) -> str:
+    """The gist of a torch.load error: its unpickler's complaint (torch wraps it in a long
+    advice text), else its first line, else its type."""
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def checkpoint_kind(stored: Mapping[str, Any]) -> str | None:

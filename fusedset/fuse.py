@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusedset.data.ijb import style_path
+from fusedset.data.ijb import style_path, template_groups
 from fusedset.eval.fusion import Fuser, StreamingFuser, Template, get_method
 from fusedset.ops._checks import all_finite
 
@@ -147,11 +147,8 @@ def _checked(images: ImageArrays) -> ImageArrays:
 
 def templates_of(images: ImageArrays) -> Iterator[tuple[int, np.ndarray]]:
     """(template id, its row indices in file order), templates in increasing id order."""
-    order = np.argsort(images.templates, kind="stable")
-    ids, starts = np.unique(images.templates[order], return_index=True)
-    for i, template in enumerate(ids):
-        stop = starts[i + 1] if i + 1 < len(ids) else len(order)
-        yield int(template), np.sort(order[starts[i] : stop])
+    ids, groups = template_groups(images.templates)
+    yield from zip(ids.tolist(), groups, strict=True)
 
 
 def _template(images: ImageArrays, template: int, rows: np.ndarray) -> Template:

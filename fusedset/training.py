@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedset.data.ijb import IJBMeta, MetaFileError
+from fusedset.data.ijb import IJBMeta, MetaFileError, template_groups
 
-Method = Literal["caface", "coreset"]
-METHODS: tuple[Method, ...] = ("caface", "coreset")
+LearnedMethod = Literal["caface", "coreset"]
+METHODS: tuple[LearnedMethod, ...] = ("caface", "coreset")
 CHECKPOINT_KEY = "fusedset"  # the checkpoint's metadata entry, next to its state_dict
 
 
@@ -124,20 +124,17 @@ def training_set(meta: IJBMeta, features: np.ndarray, style: np.ndarray | None) 
             f"{len(meta.templates)} images"
         )
     subject_of = subjects_of(meta)
-    order = np.argsort(meta.templates, kind="stable")
-    ids, starts = np.unique(meta.templates[order], return_index=True)
-    bounds = [*starts.tolist(), len(order)]
-    kept = [i for i, t in enumerate(ids.tolist()) if t in subject_of]
+    ids, groups = template_groups(meta.templates)
+    kept = [
+        (subject_of[t], rows)
+        for t, rows in zip(ids.tolist(), groups, strict=True)
+        if t in subject_of
+    ]
     if not kept:
         raise MetaFileError("no template of face_tid_mid.txt has a subject in the 1:N lists")
-    rows = [order[bounds[i] : bounds[i + 1]] for i in kept]
-    template_features = [torch.from_numpy(np.ascontiguousarray(features[r])) for r in rows]
-    template_style = (
-        None if style is None else [torch.from_numpy(np.ascontiguousarray(style[r])) for r in rows]
-    )
-    subjects, subject_index = np.unique(
-        [subject_of[t] for t in ids[kept].tolist()], return_inverse=True
-    )
+    template_features = [torch.from_numpy(features[rows]) for _, rows in kept]
+    template_style = None if style is None else [torch.from_numpy(style[rows]) for _, rows in kept]
+    subjects, subject_index = np.unique([s for s, _ in kept], return_inverse=True)
     directions = torch.stack([F.normalize(f.double().sum(0), dim=0) for f in template_features])
     centers = directions.new_zeros(len(subjects), directions.shape[1])
     centers.index_add_(0, torch.from_numpy(subject_index), directions)
@@ -175,7 +172,7 @@ def cosine_distance(fused: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - F.cosine_similarity(fused, target, dim=-1).mean()
 
 
-def build_model(method: Method, data: TrainingSet, config: TrainConfig) -> nn.Module:
+def build_model(method: LearnedMethod, data: TrainingSet, config: TrainConfig) -> nn.Module:
     """A freshly initialized fast module for the width (and style channels) of the data.
 
     FaceCoresetNet starts at gamma = ``config.initial_gamma``: at the released initial 0.01
@@ -231,7 +228,7 @@ class TrainResult:
 
 
 def train(
-    method: Method,
+    method: LearnedMethod,
     data: TrainingSet,
     config: TrainConfig | None = None,
     progress: bool = True,
@@ -278,7 +275,7 @@ def train(
 
 
 def save_checkpoint(
-    path: str | Path, method: Method, result: TrainResult, config: TrainConfig, **info: Any
+    path: str | Path, method: LearnedMethod, result: TrainResult, config: TrainConfig, **info: Any
 ) -> Path:
     """A checkpoint that ``CAFace.from_official`` / ``FaceCoresetNet.from_official`` read (the
     weights under ``state_dict``, as in a Lightning checkpoint), with what trained it under

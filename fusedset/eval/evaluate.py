@@ -3,7 +3,6 @@ and the 1:N searches, report a table, a JSON file and a ROC plot."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedset.data.ijb import IJBMeta, MetaFileError
+from fusedset.data.ijb import IJBMeta, MetaFileError, template_groups
 from fusedset.eval import metrics
 from fusedset.eval.fusion import Fuser, Template, get_method
 
@@ -68,19 +67,14 @@ class TemplateSet:
             raise MetaFileError(
                 f"the style statistics have {len(style)} rows, the features {len(features)}"
             )
-        order = np.argsort(meta.templates, kind="stable")
-        self.ids, starts = np.unique(meta.templates[order], return_index=True)
-        bounds = [*starts.tolist(), len(order)]
-        features_t = torch.from_numpy(np.ascontiguousarray(features[order]))
-        media_t = torch.from_numpy(meta.medias[order])
-        style_t = None if style is None else torch.from_numpy(np.ascontiguousarray(style[order]))
+        self.ids, groups = template_groups(meta.templates)
         self.templates = [
             Template(
-                features=features_t[a:b],
-                media=media_t[a:b],
-                style=None if style_t is None else style_t[a:b],
+                features=torch.from_numpy(features[rows]),
+                media=torch.from_numpy(meta.medias[rows]),
+                style=None if style is None else torch.from_numpy(style[rows]),
             )
-            for a, b in itertools.pairwise(bounds)
+            for rows in groups
         ]
         self.has_style = style is not None
 

@@ -159,10 +159,10 @@ class CoresetFuser:
         return descriptor[0]
 
 
-def caface_fuser(checkpoint: str | None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> CAFaceFuser:
+def caface_fuser(checkpoint: str | None) -> CAFaceFuser:
     if checkpoint is None:
         raise ValueError("method 'caface' needs a checkpoint")
-    return CAFaceFuser(load_module(checkpoint, "caface"), chunk_size)
+    return CAFaceFuser(load_module(checkpoint, "caface"))
 
 
 def coreset_fuser(checkpoint: str | None) -> CoresetFuser:

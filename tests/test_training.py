@@ -16,6 +16,7 @@ from fusedset.data import IJBMeta, MetaFileError, write_benchmark
 from fusedset.data.synthetic import FACE, SynthConfig, generate
 from fusedset.eval.fusion import Template
 from fusedset.eval.learned import CAFaceFuser, CoresetFuser, load_module
+from fusedset.nn import CAFace, FaceCoresetNet
 from fusedset.training import TrainConfig, build_model, train, training_set
 
 SMALL = SynthConfig(enrolled=24, unenrolled=8, frames_median=12.0, frames_range=(4, 48))
@@ -160,7 +161,12 @@ def test_train_command_writes_a_checkpoint_that_fuse_and_eval_take(tmp_path, cap
         stored = torch.load(out, weights_only=True)
         assert stored["fusedset"]["method"] == method
         assert len(stored["fusedset"]["epoch_losses"]) == 2
-        assert not load_module(out, method).training
+        loaded = load_module(out, method)
+        assert not loaded.training
+        # The released loaders read it as they read a Lightning checkpoint.
+        official = {"caface": CAFace, "coreset": FaceCoresetNet}[method].from_official(out)
+        for name, value in official.state_dict().items():
+            torch.testing.assert_close(value, loaded.state_dict()[name], rtol=0, atol=0)
 
     features = eval_dir / "synth_features.npy"
     tid_mid = eval_dir / "meta" / "synth_face_tid_mid.txt"

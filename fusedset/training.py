@@ -234,13 +234,22 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train a fresh ``method`` module on ``data``. With one torch thread, the same data and
-    config give bitwise the same weights."""
-    from tqdm import tqdm
-
+    config give bitwise the same weights. The global torch generator, which the initialization,
+    dropout and the selection's Gumbel noise draw from, is seeded from ``config.seed`` for the
+    run and restored afterwards."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     config = config or TrainConfig()
-    torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _train(method, data, config, progress)
+
+
+def _train(
+    method: LearnedMethod, data: TrainingSet, config: TrainConfig, progress: bool
+) -> TrainResult:
+    from tqdm import tqdm
+
     rng = np.random.default_rng(config.seed)
     model = build_model(method, data, config).train()
     optimizer = torch.optim.AdamW(

@@ -17,10 +17,12 @@ _PREFIX = {"caface": "aggregator.", "coreset": "aggregate_model."}
 
 
 def random_modules(width: int, style_channels: int, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """caface and coreset modules in eval mode, their weights drawn from ``seed``."""
-    torch.manual_seed(seed)
-    caface = CAFace(CAFaceConfig(confidence_dim=width, style_channels=style_channels))
-    coreset = FaceCoresetNet(width)
+    """caface and coreset modules in eval mode, their weights drawn from ``seed`` (the global
+    generator's state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        caface = CAFace(CAFaceConfig(confidence_dim=width, style_channels=style_channels))
+        coreset = FaceCoresetNet(width)
     with torch.no_grad():
         # Fresh BatchNorms would standardize the norms by (0, 1); sets of norms around 10 need
         # statistics of that scale for the norm embedding to tell frames apart.

@@ -260,7 +260,10 @@ def tiny_benchmark(tmp_path):
     checkpoints = {
         m: write_checkpoint(tmp_path / f"{m}.pt", m, modules[m], "trained") for m in modules
     }
-    return bench, features, checkpoints
+    # Loading a checkpoint draws from the global torch generator (the module is built with
+    # random weights first): the test leaves it as it found it.
+    with torch.random.fork_rng(devices=[]):
+        yield bench, features, checkpoints
 
 
 def test_learned_methods_evaluate_deterministically(tiny_benchmark, one_thread):

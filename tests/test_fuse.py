@@ -166,10 +166,13 @@ def test_output_must_be_npz_or_safetensors(tmp_path, capsys, images):
 
 @pytest.fixture
 def modules(images):
+    """Random modules; the test leaves the global torch generator as it found it, although
+    loading a checkpoint draws from it (the module is built with random weights first)."""
     features, _, _, style = images
-    return random_modules(
-        features.shape[1], style.shape[1], seed=int(np.random.SeedSequence().entropy % 2**31)
-    )
+    with torch.random.fork_rng(devices=[]):
+        yield random_modules(
+            features.shape[1], style.shape[1], seed=int(np.random.default_rng().integers(2**31))
+        )
 
 
 def write_inputs(tmp_path, images, layout):

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "as it runs: `fusedset data synth` (evaluation benchmark in OUT/eval, training set of "
         "other identities in OUT/train), `fusedset train` for caface and coreset "
         "(OUT/caface.pt, OUT/coreset.pt), and `fusedset eval` of every method (table, "
-        "OUT/report/results.json and roc.png). About 3 minutes on 2 CPU cores.",
+        "OUT/report/results.json and roc.png). About a minute on 2 CPU cores.",
     )
     parser.add_argument(
         "--out",

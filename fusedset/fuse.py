@@ -9,7 +9,8 @@ Inputs (``read_images``):
   ``media`` (N,) and ``style`` (N, C, 2).
 
 A template's rows are read when it is fused, so with ``.npy`` input the memory is bounded by the
-largest template (by the ``chunk`` for methods that stream, such as CAFace), not by the file.
+largest template, not by the file; methods that stream (CAFace) read a template one chunk at a
+time, so their memory is bounded by the chunk.
 Output (``write_descriptors``): ``.npz`` or ``.safetensors`` with ``templates`` (T,) and
 ``descriptors`` (T, D) float32, written under a temporary name and renamed when complete.
 """
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusedset.data.ijb import style_path
-from fusedset.eval.fusion import Template, get_method
+from fusedset.data.ijb import style_path, template_groups
+from fusedset.eval.fusion import Fuser, StreamingFuser, Template, get_method
 from fusedset.ops._checks import all_finite
 
 OUTPUT_SUFFIXES = (".npz", ".safetensors")
@@ -146,21 +147,54 @@ def _checked(images: ImageArrays) -> ImageArrays:
 
 def templates_of(images: ImageArrays) -> Iterator[tuple[int, np.ndarray]]:
     """(template id, its row indices in file order), templates in increasing id order."""
-    order = np.argsort(images.templates, kind="stable")
-    ids, starts = np.unique(images.templates[order], return_index=True)
-    for i, template in enumerate(ids):
-        stop = starts[i + 1] if i + 1 < len(ids) else len(order)
-        yield int(template), np.sort(order[starts[i] : stop])
+    ids, groups = template_groups(images.templates)
+    yield from zip(ids.tolist(), groups, strict=True)
+
+
+def _template(images: ImageArrays, template: int, rows: np.ndarray) -> Template:
+    """The images ``rows`` of ``template`` (all of it or one part), read and checked."""
+    features = torch.from_numpy(np.asarray(images.features[rows], dtype=np.float32))
+    if not all_finite(features):
+        raise FuseInputError(f"{images.source}: template {template} has NaN or Inf features")
+    style = None
+    if images.style is not None:
+        style = torch.from_numpy(np.asarray(images.style[rows], dtype=np.float32))
+    return Template(features, torch.from_numpy(images.media[rows]), style)
+
+
+def _fuse_one(
+    images: ImageArrays, fuser: Fuser, template: int, rows: np.ndarray, chunk_size: int | None
+) -> torch.Tensor:
+    if not isinstance(fuser, StreamingFuser):
+        return fuser(_template(images, template, rows))
+    # Parts of whole chunks fuse as the whole template would, reading one part at a time.
+    stream = fuser.stream(chunk_size)
+    for start in range(0, len(rows), stream.chunk_size):
+        stream.update(_template(images, template, rows[start : start + stream.chunk_size]))
+    return stream.result()
 
 
 def fuse_templates(
-    images: ImageArrays, method: str, checkpoint: str | None = None, progress: bool = True
+    images: ImageArrays,
+    method: str,
+    checkpoint: str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """-> template ids (T,) int64 and L2-normalized descriptors (T, D) float32."""
+    """-> template ids (T,) int64 and L2-normalized descriptors (T, D) float32.
+
+    ``chunk_size``: frames per part for methods that stream (``StreamingFuser``, e.g. caface;
+    their own default when None); other methods take a template at once and refuse it.
+    """
     spec = get_method(method)
     if spec.needs_style and images.style is None:
         raise FuseInputError(f"{images.source}: method {method!r} needs style statistics")
-    fuser = spec.build(checkpoint)
+    try:
+        fuser = spec.build(checkpoint)
+    except ValueError as exc:  # a checkpoint that is missing or not this method's
+        raise FuseInputError(str(exc)) from exc
+    if chunk_size is not None and not isinstance(fuser, StreamingFuser):
+        raise ValueError(f"method {method!r} does not stream in chunks: it takes no chunk size")
     groups = list(templates_of(images))
     ids = np.empty(len(groups), dtype=np.int64)
     descriptors = np.empty((len(groups), images.features.shape[1]), dtype=np.float32)
@@ -169,14 +203,13 @@ def fuse_templates(
     for i, (template, rows) in enumerate(
         tqdm(groups, unit="template", disable=not progress, dynamic_ncols=True)
     ):
-        features = torch.from_numpy(np.asarray(images.features[rows], dtype=np.float32))
-        if not all_finite(features):
-            raise FuseInputError(f"{images.source}: template {template} has NaN or Inf features")
-        style = None
-        if images.style is not None:
-            style = torch.from_numpy(np.asarray(images.style[rows], dtype=np.float32))
-        with torch.no_grad():
-            fused = fuser(Template(features, torch.from_numpy(images.media[rows]), style))
+        try:
+            with torch.no_grad():
+                fused = _fuse_one(images, fuser, template, rows, chunk_size)
+        except FuseInputError:
+            raise
+        except ValueError as exc:  # the module refused the template (width, style shape, ...)
+            raise FuseInputError(f"{images.source}: template {template}: {exc}") from exc
         ids[i] = template
         descriptors[i] = torch.nn.functional.normalize(fused.float(), dim=-1).numpy()
     return ids, descriptors

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Set everything up (see scripts/setup.sh), then run the benchmark suite: `fusedset bench
-# --quick` unless other arguments are given (see `fusedset bench --help`).
+# Set everything up (see scripts/setup.sh), then without arguments run the kernel benchmark
+# suite (`fusedset bench --quick`) and the synthetic accuracy benchmark end to end
+# (`fusedset synthetic-benchmark`: generate, train both modules, evaluate every method). With
+# arguments, run `fusedset bench` with them (see `fusedset bench --help`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 
-if [ $# -eq 0 ]; then
-  set -- --quick
+if [ $# -gt 0 ]; then
+  exec fusedset bench "$@"
 fi
-fusedset bench "$@"
+fusedset bench --quick
+fusedset synthetic-benchmark --out bench-results/synthetic

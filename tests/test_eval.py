@@ -9,10 +9,13 @@ import torch
 from sklearn.metrics import roc_curve
 
 from fusedset.cli import main
+from fusedset.data import write_benchmark
 from fusedset.data.synthetic import SynthConfig, generate
 from fusedset.eval import fusion, metrics, selection
 from fusedset.eval.evaluate import evaluate, format_table, pair_scores
 from fusedset.eval.fusion import Method, Template
+
+from .checkpoints import random_modules, write_checkpoint
 
 BASELINES = ["mean", "media-mean", "norm-mean", "core-mean"]
 TINY = SynthConfig(enrolled=12, unenrolled=4, frames_median=10.0, frames_range=(4, 40))
@@ -155,8 +158,11 @@ def test_baselines_on_a_known_template():
 def test_registry():
     assert fusion.method_names()[:4] == BASELINES
     assert fusion.get_method("norm-mean").build(None) is fusion.norm_mean
-    with pytest.raises(KeyError, match="unknown fusion method 'caface'"):
-        fusion.get_method("caface")
+    assert fusion.method_names()[4:] == ["caface", "coreset"]
+    assert fusion.get_method("caface").needs_style
+    assert not fusion.get_method("coreset").needs_style
+    with pytest.raises(KeyError, match="unknown fusion method 'median'"):
+        fusion.get_method("median")
     with pytest.raises(ValueError, match="already registered"):
         fusion.register_method(Method("mean", build=lambda c: fusion.mean, description=""))
 
@@ -176,14 +182,14 @@ def test_evaluation_is_deterministic_and_runs_registered_methods(monkeypatch, on
     )
     methods = [*BASELINES, "first-image"]
     runs = [
-        evaluate(bench.meta, bench.features, bench.style, methods, checkpoint="w.pt")
+        evaluate(bench.meta, bench.features, bench.style, methods, {"first-image": "w.pt"})
         for _ in range(2)
     ]
     strip = lambda r: {k: v for k, v in r.to_json().items() if k != "fuse_seconds"}  # noqa: E731
     assert [strip(r) for r in runs[0]] == [strip(r) for r in runs[1]]
     assert built_with == ["w.pt", "w.pt"]
     assert [r.method for r in runs[0]] == methods
-    with pytest.raises(ValueError, match="'first-image' needs --checkpoint"):
+    with pytest.raises(ValueError, match="'first-image' needs a checkpoint"):
         evaluate(bench.meta, bench.features, bench.style, ["first-image"])
 
 
@@ -216,7 +222,7 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     assert printed.splitlines()[0].split()[:3] == ["method", "TAR@1e-05", "TAR@0.0001"]
     assert "TPIR@0.01" in printed
     results = json.loads((report / "results.json").read_text())
-    assert [r["method"] for r in results] == fusion.method_names()
+    assert [r["method"] for r in results] == BASELINES  # learned methods need --checkpoint
     assert set(results[0]["tar_at_far"]) == {"1e-05", "0.0001", "0.001", "0.01", "0.1"}
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -236,6 +242,85 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     assert err.count("\n") == 1
     assert f"meta file not found: {out / 'meta' / 'synth_template_pair_label.txt'}" in err
 
-    argv = ["eval", "--meta", str(out / "meta"), "--features", str(features), "--method", "caface"]
+    argv = ["eval", "--meta", str(out / "meta"), "--features", str(features), "--method", "median"]
     assert main(argv) == 2
-    assert "unknown method 'caface'" in capsys.readouterr().err
+    assert "unknown method 'median'" in capsys.readouterr().err
+
+
+# -- learned methods in the evaluation -----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_benchmark(tmp_path):
+    bench = generate(TINY, seed=5)
+    features = write_benchmark(tmp_path / "bench", bench.meta, bench.features, bench.style)
+    modules = random_modules(
+        TINY.dim, TINY.style_channels, seed=int(np.random.default_rng().integers(2**31))
+    )
+    checkpoints = {
+        m: write_checkpoint(tmp_path / f"{m}.pt", m, modules[m], "trained") for m in modules
+    }
+    # Loading a checkpoint draws from the global torch generator (the module is built with
+    # random weights first): the test leaves it as it found it.
+    with torch.random.fork_rng(devices=[]):
+        yield bench, features, checkpoints
+
+
+def test_learned_methods_evaluate_deterministically(tiny_benchmark, one_thread):
+    bench, _, checkpoints = tiny_benchmark
+    paths = {m: str(p) for m, p in checkpoints.items()}
+    methods = ["mean", "caface", "coreset"]
+    runs = [evaluate(bench.meta, bench.features, bench.style, methods, paths) for _ in range(2)]
+    strip = lambda r: {k: v for k, v in r.to_json().items() if k != "fuse_seconds"}  # noqa: E731
+    # Dropout or the training-mode (Gumbel) selection left on would change the second run.
+    assert [strip(r) for r in runs[0]] == [strip(r) for r in runs[1]]
+    assert [r.method for r in runs[0]] == methods
+
+
+def test_eval_checkpoint_argument(tiny_benchmark, tmp_path, capsys, one_thread):
+    _, features, checkpoints = tiny_benchmark
+    base = ["eval", "--meta", str(features.parent / "meta"), "--features", str(features)]
+    caface, coreset = str(checkpoints["caface"]), str(checkpoints["coreset"])
+
+    def methods_run(argv):
+        assert main(argv) == 0, capsys.readouterr().err
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+
+    assert methods_run([*base, "--checkpoint", f"caface={caface}", f"coreset={coreset}"]) == [
+        *BASELINES,
+        "caface",
+        "coreset",
+    ]
+    assert methods_run([*base, "--checkpoint", f"coreset={coreset}"]) == [*BASELINES, "coreset"]
+    assert methods_run([*base, "--method", "mean", "caface", "--checkpoint", caface]) == [
+        "mean",
+        "caface",
+    ]
+
+    def fails(argv, message):
+        out = tmp_path / "report"
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert message in err, err
+        assert not out.exists()
+
+    fails([*base, "--checkpoint", caface], "--checkpoint " + caface + ": say which method")
+    fails([*base, "--checkpoint", f"mean={caface}"], "method 'mean' takes no checkpoint")
+    fails(
+        [*base, "--checkpoint", f"caface={caface}", f"caface={caface}"],
+        "two checkpoints for 'caface'",
+    )
+    fails(
+        [*base, "--method", "mean", "--checkpoint", f"caface={caface}"],
+        "--method does not select 'caface'",
+    )
+    fails([*base, "--method", "coreset"], "method 'coreset' needs a checkpoint (--checkpoint)")
+    fails(
+        [*base, "--checkpoint", f"caface={caface}", f"coreset={caface}"],
+        f"{caface}: holds CAFace weights (caface), not FaceCoresetNet weights (coreset)",
+    )
+    fails(
+        [*base, "--checkpoint", f"caface={tmp_path / 'missing.pt'}"],
+        f"{tmp_path / 'missing.pt'}: no such checkpoint file",
+    )

@@ -15,6 +15,17 @@ class UsageError(Exception):
     """A problem with the command's inputs, reported as one line and exit code 2."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusedset", description="Fast set-based face-recognition fusion."

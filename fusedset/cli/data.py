@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fusedset.cli import UsageError
-from fusedset.data.synthetic import SynthConfig
+from fusedset.data.synthetic import SPLITS, SynthConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="eval",
+        help="eval (default): the benchmark; train: a training set for it, with the same "
+        "backbone constants (non-face direction, clean style statistics) but other "
+        "identities, for `fusedset train`",
+    )
     synth.add_argument(
         "--enrolled",
         type=int,
@@ -68,7 +76,7 @@ def run_synth(args: argparse.Namespace) -> int:
         frames_range=(frames_min, args.frames_max),
     )
     start = time.perf_counter()
-    bench = generate(config, seed=args.seed)
+    bench = generate(config, seed=args.seed, split=args.split)
     features_path = write_benchmark(args.out, bench.meta, bench.features, bench.style)
     meta = bench.meta
     print(
@@ -76,5 +84,11 @@ def run_synth(args: argparse.Namespace) -> int:
         f"{args.enrolled} gallery templates, {len(meta.pairs)} pairs "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    print(f"evaluate: fusedset eval --meta {args.out / 'meta'} --features {features_path}")
+    if args.split == "train":
+        print(
+            f"train: fusedset train --method caface --meta {args.out / 'meta'} "
+            f"--features {features_path} --out caface.pt"
+        )
+    else:
+        print(f"evaluate: fusedset eval --meta {args.out / 'meta'} --features {features_path}")
     return 0

@@ -32,10 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--method",
         nargs="+",
         metavar="NAME",
-        help=f"fusion methods among {' '.join(method_names())} (default: every registered "
-        "method, except those that need a checkpoint when --checkpoint is not given)",
+        help=f"fusion methods among {' '.join(method_names())} (default: every method that "
+        "needs no checkpoint, and each learned method given one)",
     )
-    parser.add_argument("--checkpoint", help="weights for learned methods")
+    parser.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="[METHOD=]PATH",
+        help="weights of the learned methods, one METHOD=PATH each (e.g. "
+        "--checkpoint caface=caface.pt coreset=coreset.pt); a bare PATH when --method selects "
+        "exactly one learned method. A released checkpoint or one written by `fusedset train`",
+    )
     parser.add_argument("--out", type=Path, help="write results.json and roc.png here")
     parser.add_argument(
         "--threads",
@@ -56,19 +63,20 @@ def run(args: argparse.Namespace) -> int:
     from fusedset.data import MetaFileError, read_features, read_meta
     from fusedset.eval.fusion import get_method, method_names
 
-    methods = args.method or [
-        m for m in method_names() if args.checkpoint or not get_method(m).needs_checkpoint
-    ]
-    unknown = [m for m in methods if m not in method_names()]
+    unknown = [m for m in args.method or [] if m not in method_names()]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r}; known: {' '.join(method_names())}")
+    checkpoints = parse_checkpoints(args.checkpoint or [], args.method)
+    methods = args.method or [
+        m for m in method_names() if m in checkpoints or not get_method(m).needs_checkpoint
+    ]
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
     torch.set_num_threads(args.threads)
     try:
         meta = read_meta(args.meta)
         features, style = read_features(args.features)
-        results = evaluate(meta, features, style, methods, checkpoint=args.checkpoint)
+        results = evaluate(meta, features, style, methods, checkpoints)
     except (MetaFileError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     print(format_table(results))
@@ -76,3 +84,32 @@ def run(args: argparse.Namespace) -> int:
         json_path, png_path = write_report(results, args.out)
         print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def parse_checkpoints(values: list[str], methods: list[str] | None) -> dict[str, str]:
+    """``--checkpoint`` values -> learned method -> path. ``METHOD=PATH`` names its method (a
+    path may hold ``=`` when what precedes it is no method name); a bare ``PATH`` belongs to the
+    one learned method that ``--method`` selects."""
+    from fusedset.eval.fusion import get_method, method_names
+
+    learned = [m for m in method_names() if get_method(m).needs_checkpoint]
+    selected = [m for m in methods or [] if m in learned]
+    checkpoints: dict[str, str] = {}
+    for value in values:
+        name, has_name, path = value.partition("=")
+        if not has_name or name not in method_names():
+            if len(selected) != 1:
+                raise UsageError(
+                    f"--checkpoint {value}: say which method it is for, as METHOD=PATH with "
+                    f"METHOD among {' '.join(learned)} (a bare PATH needs --method to select "
+                    "exactly one of them)"
+                )
+            name, path = selected[0], value
+        if name not in learned:
+            raise UsageError(f"--checkpoint {value}: method {name!r} takes no checkpoint")
+        if name in checkpoints:
+            raise UsageError(f"--checkpoint: two checkpoints for {name!r}")
+        if methods is not None and name not in methods:
+            raise UsageError(f"--checkpoint {value}: --method does not select {name!r}")
+        checkpoints[name] = path
+    return checkpoints

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusedset.cli import UsageError
+from fusedset.cli import UsageError, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--style", type=Path, help="(N, C, 2) style statistics .npy (default: {stem}_style.npy)"
     )
-    parser.add_argument("--checkpoint", metavar="P", help="weights for learned methods")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="P",
+        help="weights of a learned method (caface, coreset): a released checkpoint or one "
+        "written by `fusedset train`",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=positive_int,
+        metavar="N",
+        help="caface: frames per chunk; a template is read and fused one chunk at a time "
+        "(default: 256)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="O")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -39,17 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fusedset.eval.fusion import get_method
-    from fusedset.fuse import FuseInputError, fuse_templates, read_images, write_descriptors
+    from fusedset.fuse import fuse_templates, read_images, write_descriptors
 
     if get_method(args.method).needs_checkpoint and args.checkpoint is None:
         raise UsageError(f"method {args.method!r} needs --checkpoint")
     try:
         images = read_images(args.features, args.templates, args.style)
         templates, descriptors = fuse_templates(
-            images, args.method, args.checkpoint, progress=not args.no_progress
+            images, args.method, args.checkpoint, args.chunk, progress=not args.no_progress
         )
         path = write_descriptors(args.out, templates, descriptors)
-    except FuseInputError as exc:
+    except ValueError as exc:  # a FuseInputError, or --chunk for a method that does not stream
         raise UsageError(str(exc)) from exc
     print(f"wrote {len(templates)} descriptors of width {descriptors.shape[1]} to {path}")
     return 0

@@ -61,6 +61,14 @@ class IJBMeta:
     probes: np.ndarray | None
 
 
+def template_groups(templates: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per-image template ids (n,) -> the distinct ids in increasing order, and each one's row
+    indices in increasing order."""
+    order = np.argsort(templates, kind="stable")
+    ids, starts = np.unique(templates[order], return_index=True)
+    return ids, np.split(order, starts[1:])
+
+
 def style_path(features_path: str | Path) -> Path:
     """Where the style statistics belonging to a feature file live."""
     path = Path(features_path)

@@ -16,6 +16,7 @@ Per frame, with quality q in [0, 1]:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,10 @@ from fusedset.data.ijb import IJBMeta
 
 # Frame kinds (SynthBenchmark.kind).
 FACE, OTHER_IDENTITY, NON_FACE = 0, 1, 2
+
+Split = Literal["eval", "train"]
+SPLITS: tuple[Split, ...] = ("eval", "train")
+_TRAIN_STREAM = 1  # the train split's random stream is default_rng([seed, _TRAIN_STREAM])
 
 
 @dataclass(frozen=True)
@@ -200,11 +205,19 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def generate(config: SynthConfig | None = None, seed: int = 0) -> SynthBenchmark:
+def generate(
+    config: SynthConfig | None = None, seed: int = 0, split: Split = "eval"
+) -> SynthBenchmark:
     """Generate the benchmark of ``config`` (defaults: ~20k images, a few seconds) for ``seed``.
 
-    The same config and seed give bitwise the same benchmark.
+    The same config, seed and split give bitwise the same benchmark. ``split="train"`` is the
+    training set that goes with the ``"eval"`` benchmark of the same config and seed: it shares
+    what a real backbone fixes (the direction non-faces fall near, the style statistics of a
+    sharp, well-lit image) but draws its own identities, probes and noise from another random
+    stream, so no evaluation identity is ever trained on.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     cfg = config or SynthConfig()
     rng = np.random.default_rng(seed)
     identities = cfg.enrolled + cfg.unenrolled
@@ -215,6 +228,9 @@ def generate(config: SynthConfig | None = None, seed: int = 0) -> SynthBenchmark
         [rng.uniform(0.2, 1.0, cfg.style_channels), rng.uniform(0.5, 1.5, cfg.style_channels)],
         axis=-1,
     ).astype(np.float32)
+    if split == "train":
+        rng = np.random.default_rng([seed, _TRAIN_STREAM])
+        centers = _unit(rng.standard_normal((identities, cfg.dim)))
 
     shots = _Shots()
     media = 1

@@ -3,17 +3,16 @@ and the 1:N searches, report a table, a JSON file and a ROC plot."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fusedset.data.ijb import IJBMeta, MetaFileError
+from fusedset.data.ijb import IJBMeta, MetaFileError, template_groups
 from fusedset.eval import metrics
 from fusedset.eval.fusion import Fuser, Template, get_method
 
@@ -68,19 +67,14 @@ class TemplateSet:
             raise MetaFileError(
                 f"the style statistics have {len(style)} rows, the features {len(features)}"
             )
-        order = np.argsort(meta.templates, kind="stable")
-        self.ids, starts = np.unique(meta.templates[order], return_index=True)
-        bounds = [*starts.tolist(), len(order)]
-        features_t = torch.from_numpy(np.ascontiguousarray(features[order]))
-        media_t = torch.from_numpy(meta.medias[order])
-        style_t = None if style is None else torch.from_numpy(np.ascontiguousarray(style[order]))
+        self.ids, groups = template_groups(meta.templates)
         self.templates = [
             Template(
-                features=features_t[a:b],
-                media=media_t[a:b],
-                style=None if style_t is None else style_t[a:b],
+                features=torch.from_numpy(features[rows]),
+                media=torch.from_numpy(meta.medias[rows]),
+                style=None if style is None else torch.from_numpy(style[rows]),
             )
-            for a, b in itertools.pairwise(bounds)
+            for rows in groups
         ]
         self.has_style = style is not None
 
@@ -125,21 +119,24 @@ def evaluate(
     features: np.ndarray,
     style: np.ndarray | None,
     methods: Sequence[str],
-    checkpoint: str | None = None,
+    checkpoints: Mapping[str, str] | None = None,
 ) -> list[MethodResult]:
     """Fuse with each method and compute 1:1 TAR@FAR (``metrics.FARS``) and, when the meta has
     1:N lists, rank-1/rank-5 and TPIR at FPIR 1% (galleries pooled, as insightface does).
+    ``checkpoints`` maps each learned method to its checkpoint.
 
     Raises:
         KeyError: an unknown method.
-        ValueError: a method needs a checkpoint or style statistics that are not there.
+        ValueError: a method needs a checkpoint or style statistics that are not there, or a
+            checkpoint cannot be loaded (``CheckpointError``).
         MetaFileError: the meta files and features disagree.
     """
+    checkpoints = dict(checkpoints or {})
     chosen = [get_method(name) for name in methods]
     templates = TemplateSet(meta, features, style)
     for method in chosen:
-        if method.needs_checkpoint and checkpoint is None:
-            raise ValueError(f"method {method.name!r} needs --checkpoint")
+        if method.needs_checkpoint and method.name not in checkpoints:
+            raise ValueError(f"method {method.name!r} needs a checkpoint (--checkpoint)")
         if method.needs_style and not templates.has_style:
             raise ValueError(f"method {method.name!r} needs style statistics (*_style.npy)")
     pair_file = f"{meta.prefix}_template_pair_label.txt"
@@ -151,10 +148,12 @@ def evaluate(
         gallery_rows = templates.rows(gallery[:, 0], "the 1:N gallery")
         probe_rows = templates.rows(meta.probes[:, 0], "the 1:N probe list")
 
+    # Every checkpoint is loaded before any fusing, so a bad one fails at once.
+    fusers = [method.build(checkpoints.get(method.name)) for method in chosen]
     results = []
-    for method in chosen:
+    for method, fuser in zip(chosen, fusers, strict=True):
         start = time.perf_counter()
-        fused = templates.fuse(method.build(checkpoint))
+        fused = templates.fuse(fuser)
         seconds = time.perf_counter() - start
         scores = pair_scores(fused, first, second)
         fpr, tpr = metrics.roc(labels, scores)

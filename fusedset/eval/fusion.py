@@ -3,17 +3,16 @@
 A method turns one template (the raw embeddings of its images, their media ids and style
 statistics) into one descriptor; evaluation compares descriptors by cosine. A method is
 registered under a name with a ``build(checkpoint)`` function that returns its fuser, so a
-learned module (``caface``, ``coreset``) loads its weights once and is then called per
-template::
-
-    register_method(Method("caface", build=load_caface_fuser, description="CAFace",
-                           needs_checkpoint=True, needs_style=True))
+learned module (``caface``, ``coreset``, see ``fusedset.eval.learned``) loads its weights once
+and is then called per template. A fuser that can also take a template in parts (a
+``StreamingFuser``, such as CAFace's) lets ``fusedset fuse`` read a long template chunk by chunk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -38,6 +37,28 @@ class Template:
 
 Fuser = Callable[[Template], torch.Tensor]
 """Template -> (D,) descriptor (any norm: evaluation normalizes)."""
+
+
+class TemplateStream(Protocol):
+    """One template fused part by part. Parts whose lengths are multiples of ``chunk_size``
+    give the descriptor of the whole template at once."""
+
+    chunk_size: int
+
+    def update(self, part: Template) -> TemplateStream: ...
+
+    def result(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StreamingFuser(Protocol):
+    """A fuser that also fuses a template given in parts, in memory bounded by a part."""
+
+    def __call__(self, template: Template) -> torch.Tensor: ...
+
+    def stream(self, chunk_size: int | None = None) -> TemplateStream:
+        """A new stream; ``chunk_size`` overrides the fuser's own."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -121,3 +142,35 @@ _register_baseline("mean", mean, "plain average of unit embeddings")
 _register_baseline("media-mean", media_mean, "average within each media, then across media")
 _register_baseline("norm-mean", norm_mean, "norm-weighted average (mean of raw embeddings)")
 _register_baseline("core-mean", core_mean, "average of a quality-aware FPS core of 3 images")
+
+
+def _build_caface(checkpoint: str | None) -> Fuser:
+    # Imported when built: the learned modules load the compiled extension and their weights.
+    from fusedset.eval.learned import caface_fuser
+
+    return caface_fuser(checkpoint)
+
+
+def _build_coreset(checkpoint: str | None) -> Fuser:
+    from fusedset.eval.learned import coreset_fuser
+
+    return coreset_fuser(checkpoint)
+
+
+register_method(
+    Method(
+        "caface",
+        build=_build_caface,
+        description="CAFace, each template streamed in chunks of 256 frames",
+        needs_checkpoint=True,
+        needs_style=True,
+    )
+)
+register_method(
+    Method(
+        "coreset",
+        build=_build_coreset,
+        description="FaceCoresetNet: a core of 3 by selection, attending over the template",
+        needs_checkpoint=True,
+    )
+)

@@ -52,8 +52,21 @@ QualityFpsProblem make_problem(const char* op, const at::Tensor& x, const at::Te
 }  // namespace
 
 at::Tensor quality_fps_forward(const at::Tensor& x, const at::Tensor& gamma, int64_t k,
-                               const std::optional<at::Tensor>& lengths, QualityFpsKernel kernel) {
+                               const std::optional<at::Tensor>& lengths,
+                               const std::optional<at::Tensor>& row_scale,
+                               QualityFpsKernel kernel) {
   QualityFpsProblem p = make_problem("quality_fps", x, gamma, k, lengths);
+  if (row_scale.has_value()) {
+    const at::Tensor& s = *row_scale;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == x.size(1),
+                "quality_fps: row_scale must have shape (", x.size(0), ", ", x.size(1),
+                "), got ", s.sizes());
+    TORCH_CHECK(at::isFloatingType(s.scalar_type()),
+                "quality_fps: row_scale must be a floating-point tensor, got ", s.scalar_type());
+    TORCH_CHECK(s.device() == x.device(), "quality_fps: row_scale is on ", s.device(), ", x on ",
+                x.device());
+    p.row_scale = s.to(accumulation_type(x)).contiguous();
+  }
   if (p.indices.numel() > 0) {
     kernel(p);
   }
@@ -134,8 +147,10 @@ std::tuple<at::Tensor, at::Tensor> quality_fps_backward_spread(const at::Tensor&
 }
 
 TORCH_LIBRARY_FRAGMENT(fusedset, m) {
-  m.def("quality_fps(Tensor x, Tensor gamma, int k, Tensor? lengths=None) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "quality_fps(Tensor x, Tensor gamma, int k, Tensor? lengths=None, "
+      "Tensor? row_scale=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   m.def(
       "quality_fps_select(Tensor x, Tensor gamma, Tensor noise, float scale, float tau, int k, "
       "Tensor? lengths=None) -> (Tensor, Tensor, Tensor, Tensor)",

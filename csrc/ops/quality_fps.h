@@ -13,6 +13,9 @@ struct QualityFpsProblem {
   double gamma;        // exponent of the norm in the distance
   int64_t steps;       // min(k, N)
   at::Tensor lengths;  // (B,) int64 in [0, N]: rows at or past lengths[b] are padding
+  // (B, N) in the accumulation dtype, or undefined: row i of template b is row_scale[b, i] x_i
+  // (the selection of x * row_scale[..., None] without building it).
+  at::Tensor row_scale;
   at::Tensor noise;    // (B, steps, N) in the accumulation dtype, or undefined (no noise)
   double scale;        // the pick maximizes d * scale + noise
   at::Tensor indices;  // out (B, steps) int64, -1 once nothing is left to pick
@@ -24,7 +27,9 @@ using QualityFpsKernel = void (*)(QualityFpsProblem& problem);
 
 // Indices (B, min(k, N)) of the deterministic selection.
 at::Tensor quality_fps_forward(const at::Tensor& x, const at::Tensor& gamma, int64_t k,
-                               const std::optional<at::Tensor>& lengths, QualityFpsKernel kernel);
+                               const std::optional<at::Tensor>& lengths,
+                               const std::optional<at::Tensor>& row_scale,
+                               QualityFpsKernel kernel);
 
 // (rows, indices, logits, source) of the noisy selection the training form differentiates.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quality_fps_select_forward(

@@ -11,17 +11,44 @@ Selection goes through `_select_core`: the fused quality_fps ops.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 
 from fusedset.nn.checkpoints import CheckpointSource, facecoresetnet_state_dict, load_checked
-from fusedset.nn.folded_attention import DEFAULT_CHUNK_SIZE, folded_cross_attention
-from fusedset.ops import quality_fps, quality_fps_select
+from fusedset.nn.folded_attention import (
+    DEFAULT_CHUNK_SIZE,
+    fold_queries,
+    folded_cross_attention,
+    project_pooled,
+)
+from fusedset.ops import quality_fps, quality_fps_select, sinusoid_attention_pool
 from fusedset.reference._sinusoid import sinusoid_angles
 from fusedset.reference.facecoresetnet import FaceCoresetNetReference, infer_embedding_size
+
+# Core rows (B x K) up to which the decoder's small steps run on one thread.
+SMALL_WORK_ROWS = 64
+
+
+@contextlib.contextmanager
+def _small_work_threads(core: torch.Tensor) -> Iterator[None]:
+    """The decoder's steps on the core alone (LayerNorms, the self-attention, the projections:
+    K rows per template) on one thread when the core is small. Several of them run a two-thread
+    region however small their input; on cores shared with other jobs each region waits for the
+    second thread to be scheduled: these steps took a median 0.5 ms and a 90th percentile of
+    56 ms on two threads, 0.4 and 0.6 ms on one (measured here, N-independent)."""
+    threads = torch.get_num_threads()
+    if core.device.type != "cpu" or threads == 1 or core.shape[0] * core.shape[1] > SMALL_WORK_ROWS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class CoresetFusion(NamedTuple):
@@ -38,18 +65,24 @@ def _select_core(
     training: bool,
     noise: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The core template: min(k, N) rows of x (B, N, C) by quality-aware farthest point
-    selection with quality ||x_i|| -> (B, min(k, N), C), rows past min(k, lengths[b]) zero.
-    Eval: the argmax picks (fusedset.ops.quality_fps); training: Gumbel straight-through with
-    the standard Gumbel samples `noise` (k, B, N), the reference's layout
+    """The core template: min(k, N) rows of the template (B, N, C) by quality-aware farthest
+    point selection with quality ||x_i|| -> (B, min(k, N), C), rows past min(k, lengths[b])
+    zero. The template is x * row_scale[..., None] (x when row_scale is None), built only in
+    training. Eval: the argmax picks (fusedset.ops.quality_fps); training: Gumbel
+    straight-through with the standard Gumbel samples `noise` (k, B, N), the reference's layout
     (fusedset.ops.quality_fps_select)."""
     if training:
         steps = min(k, x.shape[1])
         op_noise = None if noise is None else noise[:steps].permute(1, 0, 2)
-        return quality_fps_select(x, k, gamma, noise=op_noise, lengths=lengths)
-    picks = quality_fps(x, k, gamma, lengths=lengths)  # -1 past a template's valid rows
-    rows = x.gather(1, picks.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
+        template = x if row_scale is None else x * row_scale[..., None]
+        return quality_fps_select(template, k, gamma, noise=op_noise, lengths=lengths)
+    picks = quality_fps(x, k, gamma, lengths=lengths, row_scale=row_scale)
+    index = picks.clamp_min(0)  # -1 past a template's valid rows
+    rows = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    if row_scale is not None:
+        rows = rows * row_scale.gather(1, index)[..., None]
     return rows.masked_fill(picks[..., None] < 0, 0)
 
 
@@ -129,13 +162,10 @@ class FaceCoresetNet(FaceCoresetNetReference):
         embeddings, norms = self._compute_dtype(embeddings), self._compute_dtype(norms)
         with torch.autocast(embeddings.device.type, enabled=False):
             norms = norms.squeeze(-1)
+            # The template embeddings * norms is never built in eval: at N = 1e5 the product
+            # alone (a fresh 205 MB) took 140-180 ms here, mostly page faults.
             return self._fuse_checked(
-                embeddings * norms[..., None],
-                norms,
-                lengths,
-                noise,
-                embeddings=embeddings,
-                norms=norms,
+                embeddings, norms, norms, lengths, noise, embeddings=embeddings, norms=norms
             )
 
     def aggregate_features(
@@ -149,7 +179,7 @@ class FaceCoresetNet(FaceCoresetNetReference):
         features = self._compute_dtype(features)
         with torch.autocast(features.device.type, enabled=False):
             norms = torch.linalg.vector_norm(features, dim=-1)
-            return self._fuse_checked(features, norms, lengths, noise, features=features)
+            return self._fuse_checked(features, None, norms, lengths, noise, features=features)
 
     def refine(
         self,
@@ -158,8 +188,56 @@ class FaceCoresetNet(FaceCoresetNetReference):
         template_norms: torch.Tensor,
         lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The released decoder (see FaceCoresetNetReference.refine) with the folded, chunked
-        cross-attention. With `lengths`, core slots past min(K, lengths[b]) are padding too."""
+        """The released decoder (see FaceCoresetNetReference.refine) with the folded cross-attention
+        in one pass over the template. With `lengths`, core slots past min(K, lengths[b]) are
+        padding too."""
+        return self._refine(core, template, None, template_norms, lengths)
+
+    def _refine(
+        self,
+        core: torch.Tensor,
+        rows: torch.Tensor,
+        row_scale: torch.Tensor | None,
+        template_norms: torch.Tensor,
+        lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`refine` of the template rows * row_scale (rows when None), which is never built."""
+        layer = self.decoder_layer1
+        attention = layer.multihead_attn1
+        if attention.training and attention.dropout > 0:
+            # Dropout on the attention weights: the chunked torch form, which draws it.
+            def key_offset(folded: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+                return self._norm_encoding_scorer(folded, template_norms)
+
+            template = rows if row_scale is None else rows * row_scale[..., None]
+            query = self._decoder_query(core, lengths)
+            attended = folded_cross_attention(
+                query, template, template, attention, lengths, self.chunk_size, key_offset
+            )
+            return core + layer.norm2(core + layer.dropout2(attended))
+        with _small_work_threads(core):
+            folded = fold_queries(self._decoder_query(core, lengths), attention)
+            # The keys are template + LayerNorm(sinusoid(2 pi norms)): the LayerNorm's weight
+            # folds into the code's queries, its bias adds the same score to every key.
+            code_queries = folded * self.pos_trans_norm.weight
+        pooled, _ = sinusoid_attention_pool(
+            rows,
+            folded,
+            code_queries,
+            template_norms,
+            row_scale=row_scale,
+            lengths=lengths,
+            position_scale=2 * math.pi,
+            eps=self.pos_trans_norm.eps,
+        )
+        with _small_work_threads(core):
+            attended = project_pooled(pooled, attention)
+            return core + layer.norm2(core + layer.dropout2(attended))
+
+    def _decoder_query(self, core: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's queries for the cross-attention: the core with its norm encoding, after
+        the self-attention and norm1. With `lengths`, core slots past min(K, lengths[b]) are
+        padding."""
         layer = self.decoder_layer1
         core_padding = None
         if lengths is not None:
@@ -169,15 +247,7 @@ class FaceCoresetNet(FaceCoresetNetReference):
         attended = layer.self_attn1(
             query, query, query, key_padding_mask=core_padding, need_weights=False
         )[0]
-        query = layer.norm1(query + layer.dropout1(attended))
-
-        def key_offset(folded: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
-            return self._norm_encoding_scorer(folded, template_norms)
-
-        attended = folded_cross_attention(
-            query, template, template, layer.multihead_attn1, lengths, self.chunk_size, key_offset
-        )
-        return core + layer.norm2(core + layer.dropout2(attended))
+        return layer.norm1(query + layer.dropout1(attended))
 
     def _norm_encoding_scorer(
         self, folded: torch.Tensor, norms: torch.Tensor
@@ -209,20 +279,24 @@ class FaceCoresetNet(FaceCoresetNetReference):
 
     def _fuse(
         self,
-        template: torch.Tensor,
+        rows: torch.Tensor,
+        row_scale: torch.Tensor | None,
         norms: torch.Tensor,
         lengths: torch.Tensor | None,
         noise: torch.Tensor | None,
     ) -> CoresetFusion:
+        """The fusion of the template rows * row_scale[..., None] (rows when None) with the
+        given norms."""
         core = _select_core(
-            template,
+            rows,
             self.coreset_size,
             self.gamma,
             training=self.training,
             noise=noise,
             lengths=lengths,
+            row_scale=row_scale,
         )
-        refined = self.refine(core, template, norms, lengths)
+        refined = self._refine(core, rows, row_scale, norms, lengths)
         if lengths is None:
             aggregated = refined.mean(dim=1)
         else:
@@ -267,8 +341,9 @@ class FaceCoresetNet(FaceCoresetNetReference):
 
     def _fuse_checked(
         self,
-        template: torch.Tensor,
-        quality: torch.Tensor,
+        rows: torch.Tensor,
+        row_scale: torch.Tensor | None,
+        norms: torch.Tensor,
         lengths: torch.Tensor | None,
         noise: torch.Tensor | None,
         /,
@@ -278,7 +353,7 @@ class FaceCoresetNet(FaceCoresetNetReference):
         non-finite row stops the selection (quality_fps refuses it) or reaches the descriptor,
         so only then do the inputs cost a look."""
         try:
-            result = self._fuse(template, quality, lengths, noise)
+            result = self._fuse(rows, row_scale, norms, lengths, noise)
         except ValueError:
             self._name_non_finite(lengths, **inputs)
             raise

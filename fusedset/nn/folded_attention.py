@@ -28,6 +28,57 @@ KeyOffset: TypeAlias = Callable[[torch.Tensor], Callable[[int, int], torch.Tenso
 DEFAULT_CHUNK_SIZE = 1024
 
 
+def check_plain(attention: nn.MultiheadAttention) -> None:
+    """The folded forms need a plain nn.MultiheadAttention: one in_proj, no bias_k/bias_v, no
+    add_zero_attn."""
+    if not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn:
+        raise ValueError(
+            "folded_cross_attention needs a plain nn.MultiheadAttention (one in_proj, no "
+            "bias_k/bias_v, no add_zero_attn)"
+        )
+
+
+def fold_queries(query: torch.Tensor, attention: nn.MultiheadAttention) -> torch.Tensor:
+    """query (B, Q, C) -> the folded queries u (B, Q * heads, C), row q * heads + h being
+    u^{qh} = (W_k^h)^T (W_q^h q + b_q^h) / sqrt(d): the score of key k_i is u^{qh} . k_i."""
+    check_plain(attention)
+    batch, num_queries, width = query.shape
+    heads = attention.num_heads
+    head_dim = width // heads
+    w_q, w_k, _ = attention.in_proj_weight.chunk(3)
+    b_q, _, _ = attention.in_proj_bias.chunk(3)
+    projected = F.linear(query, w_q, b_q).view(batch, num_queries, heads, head_dim)
+    folded = torch.einsum(
+        "bqhd,hdc->bqhc", projected * head_dim**-0.5, w_k.view(heads, head_dim, width)
+    )
+    return folded.reshape(batch, num_queries * heads, width)
+
+
+def project_pooled(
+    mean_value: torch.Tensor,
+    attention: nn.MultiheadAttention,
+    bias_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mean_value (B, Q * heads, C), sum_i a_i v_i per (query, head) with the attention weights
+    a, -> the attention's output (B, Q, C): each head's value projection of it, then out_proj.
+    bias_weight (B, Q * heads): sum_i a_i, which scales b_v (1 when omitted; with dropout the
+    kept weights need not sum to 1)."""
+    batch, rows, width = mean_value.shape
+    heads = attention.num_heads
+    num_queries, head_dim = rows // heads, width // heads
+    _, _, w_v = attention.in_proj_weight.chunk(3)
+    _, _, b_v = attention.in_proj_bias.chunk(3)
+    heads_out = torch.einsum(
+        "bqhc,hdc->bqhd",
+        mean_value.view(batch, num_queries, heads, width),
+        w_v.view(heads, head_dim, width),
+    )
+    bias = b_v.view(heads, head_dim)
+    if bias_weight is not None:
+        bias = bias_weight.view(batch, num_queries, heads, 1) * bias
+    return attention.out_proj((heads_out + bias).reshape(batch, num_queries, width))
+
+
 def folded_cross_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -43,23 +94,9 @@ def folded_cross_attention(
     (B,): only the first lengths[b] keys and values of template b exist (each >= 1); the rest
     are never attended to, whatever they hold. Attention dropout applies when `attention` is in
     train mode, as in nn.MultiheadAttention."""
-    if not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn:
-        raise ValueError(
-            "folded_cross_attention needs a plain nn.MultiheadAttention (one in_proj, no "
-            "bias_k/bias_v, no add_zero_attn)"
-        )
-    batch, num_queries, width = query.shape
     num_keys = value.shape[1]
-    heads = attention.num_heads
-    head_dim = width // heads
-    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
-    b_q, _, b_v = attention.in_proj_bias.chunk(3)
     dropout = attention.dropout if attention.training else 0.0
-
-    projected = F.linear(query, w_q, b_q).view(batch, num_queries, heads, head_dim)
-    folded = torch.einsum(
-        "bqhd,hdc->bqhc", projected * head_dim**-0.5, w_k.view(heads, head_dim, width)
-    ).reshape(batch, num_queries * heads, width)
+    folded = fold_queries(query, attention)
     folded_t = folded.transpose(1, 2)
     offset_scores = None if key_offset is None else key_offset(folded)
 
@@ -97,14 +134,5 @@ def folded_cross_attention(
             value_mass = value_mass * rescale + chunk_mass
         running_max = new_max
 
-    # sum_i a_i v_i per (query, head), then each head's value projection of it; with dropout
-    # the kept weights need not sum to 1, so b_v is scaled by their sum.
     mean_value = weighted / running_sum.transpose(1, 2)
-    bias_weight = (value_mass / running_sum).view(batch, num_queries, heads, 1)
-    heads_out = torch.einsum(
-        "bqhc,hdc->bqhd",
-        mean_value.view(batch, num_queries, heads, width),
-        w_v.view(heads, head_dim, width),
-    )
-    heads_out = heads_out + bias_weight * b_v.view(heads, head_dim)
-    return attention.out_proj(heads_out.reshape(batch, num_queries, width))
+    return project_pooled(mean_value, attention, (value_mass / running_sum).squeeze(1))

@@ -59,6 +59,7 @@ def quality_fps(
     k: int,
     gamma: float | torch.Tensor,
     lengths: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of FaceCoresetNet's core template, in selection order.
 
@@ -68,14 +69,26 @@ def quality_fps(
         k: core template size; ``min(k, N)`` indices are returned per template.
         gamma: exponent of the quality in the distance (0 gives plain cosine FPS).
         lengths: optional (B,) integer tensor, the number of valid rows of each padded template.
+        row_scale: optional (B, N) float tensor: the selection runs on the rows
+            ``row_scale[b, i] * x[b, i]`` (their norm is the quality) without building them; a
+            template given as unit directions and norms needs no (B, N, C) product.
 
     Returns:
         (B, min(k, N)) int64, -1 past a template's valid rows. See the module docstring.
     """
     gamma_t = _check_args("quality_fps", x, k, gamma, lengths)
+    if row_scale is not None:
+        check_tensor("quality_fps", "row_scale", row_scale, dims="B, N")
+        if row_scale.shape != x.shape[:2]:
+            raise ValueError(
+                f"quality_fps: row_scale must have shape {tuple(x.shape[:2])} to match x, got "
+                f"{tuple(row_scale.shape)}"
+            )
+        if row_scale.device != x.device:
+            raise ValueError(f"quality_fps: row_scale is on {row_scale.device}, x on {x.device}")
     if _dispatch.use_reference("quality_fps", x.device):
-        return reference.quality_fps(x, k, gamma_t, lengths)
-    return torch.ops.fusedset.quality_fps.default(x, gamma_t, k, lengths)
+        return reference.quality_fps(x, k, gamma_t, lengths, row_scale)
+    return torch.ops.fusedset.quality_fps.default(x, gamma_t, k, lengths, row_scale)
 
 
 def gumbel_noise(
@@ -270,7 +283,7 @@ def select_backward(
 if _dispatch.extension_loaded():
 
     @torch.library.register_fake("fusedset::quality_fps")
-    def _quality_fps_fake(x, gamma, k, lengths=None):
+    def _quality_fps_fake(x, gamma, k, lengths=None, row_scale=None):
         return x.new_empty((x.shape[0], min(k, x.shape[1])), dtype=torch.long)
 
     @torch.library.register_fake("fusedset::quality_fps_select")

@@ -11,7 +11,11 @@ def sinusoidal_encoding(
     in at least fp32 whatever the input dtype, as the released FaceCoresetNet does: angles reach
     hundreds of radians there, and a half-precision frequency would move every channel.
     """
-    angles = sinusoid_angles(positions, dim, temperature)
+    return encode_angles(sinusoid_angles(positions, dim, temperature))
+
+
+def encode_angles(angles: torch.Tensor) -> torch.Tensor:
+    """(..., dim // 2) angles -> (..., dim): channels 2k and 2k+1 are sin and cos of angle k."""
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
@@ -20,6 +24,13 @@ def sinusoid_angles(
 ) -> torch.Tensor:
     """positions (...) -> (..., dim // 2): the angle p / T^(2k / dim) of channel pair k."""
     dtype = torch.promote_types(positions.dtype, torch.float32)
-    pair = torch.arange(dim // 2, dtype=dtype, device=positions.device)
-    frequency_divisor = temperature ** (2 * pair / dim)
-    return positions.to(dtype)[..., None] / frequency_divisor
+    divisors = frequency_divisors(dim, temperature, dtype, positions.device)
+    return positions.to(dtype)[..., None] / divisors
+
+
+def frequency_divisors(
+    dim: int, temperature: float, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
+    """(dim // 2,): T^(2k / dim), the divisor of the positions in channel pair k."""
+    pair = torch.arange(dim // 2, dtype=dtype, device=device)
+    return temperature ** (2 * pair / dim)

@@ -110,8 +110,13 @@ def quality_fps(
     k: int,
     gamma: float | torch.Tensor,
     lengths: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, N, C) -> (B, min(k, N)) int64 indices in selection order, -1 past a template's end."""
+    """(B, N, C) -> (B, min(k, N)) int64 indices in selection order, -1 past a template's end.
+    With row_scale (B, N), the selection of the rows row_scale[b, i] * x[b, i]."""
+    if row_scale is not None:
+        acc = _accumulation_dtype(x)
+        x = x.to(acc) * row_scale.to(acc)[..., None]
     with torch.no_grad():
         picks = [p for _, _, p in _trace(x, k, gamma, 1.0, 1.0, None, lengths)]
     if not picks:

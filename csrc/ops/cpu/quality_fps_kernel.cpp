@@ -59,6 +59,7 @@ void run(QualityFpsProblem& p) {
   acc_t* logits = p.logits.defined() ? p.logits.mutable_data_ptr<acc_t>() : nullptr;
   int32_t* source = p.source.defined() ? p.source.mutable_data_ptr<int32_t>() : nullptr;
   int64_t* indices = p.indices.mutable_data_ptr<int64_t>();
+  const acc_t* row_scale = p.row_scale.defined() ? p.row_scale.const_data_ptr<acc_t>() : nullptr;
   const acc_t gamma = static_cast<acc_t>(p.gamma);
   const acc_t scale = static_cast<acc_t>(p.scale);
 
@@ -85,15 +86,17 @@ void run(QualityFpsProblem& p) {
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t r = b * n + i;
           const scalar_t* row = x + r * channels;
+          const acc_t row_factor = row_scale ? row_scale[r] : acc_t(1);
           if (t == 0) {
             if (i >= lengths[b]) {
               d[r] = -kInf;
               continue;
             }
-            const acc_t q = std::sqrt(lane_sum<acc_t>(channels, [row](int64_t c) {
-              const acc_t v = static_cast<acc_t>(row[c]);
-              return v * v;
-            }));
+            const acc_t q = std::abs(row_factor) *
+                            std::sqrt(lane_sum<acc_t>(channels, [row](int64_t c) {
+                              const acc_t v = static_cast<acc_t>(row[c]);
+                              return v * v;
+                            }));
             if (!std::isfinite(q)) {
               bad = std::min(bad, i);
             }
@@ -102,8 +105,9 @@ void run(QualityFpsProblem& p) {
             half_qg[r] = direction ? std::pow(q, gamma) / 2 : 0;
             inv_q[r] = direction ? 1 / q : 0;
           } else if (d[r] >= 0) {
-            const acc_t dot = lane_sum<acc_t>(
-                channels, [row, u](int64_t c) { return static_cast<acc_t>(row[c]) * u[c]; });
+            const acc_t dot = row_factor * lane_sum<acc_t>(channels, [row, u](int64_t c) {
+                                return static_cast<acc_t>(row[c]) * u[c];
+                              });
             const acc_t dist = half_qg[r] * std::max<acc_t>(0, 1 - inv_q[r] * dot);
             // The first distance replaces the norm; later ones keep the older pick on ties.
             if (t == 1 || dist < d[r]) {
@@ -146,8 +150,9 @@ void run(QualityFpsProblem& p) {
       }
       const int64_t r = b * n + best.index;
       d[r] = -kInf;
+      const acc_t to_unit = (row_scale ? row_scale[r] : acc_t(1)) * inv_q[r];
       for (int64_t c = 0; c < channels; ++c) {
-        unit[b * channels + c] = static_cast<acc_t>(x[r * channels + c]) * inv_q[r];
+        unit[b * channels + c] = static_cast<acc_t>(x[r * channels + c]) * to_unit;
       }
     }
   }
@@ -270,10 +275,11 @@ void kernel(QualityFpsProblem& p) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
-  m.impl("quality_fps", [](const at::Tensor& x, const at::Tensor& gamma, int64_t k,
-                           const std::optional<at::Tensor>& lengths) {
-    return quality_fps_forward(x, gamma, k, lengths, kernel);
-  });
+  m.impl("quality_fps",
+         [](const at::Tensor& x, const at::Tensor& gamma, int64_t k,
+            const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& row_scale) {
+           return quality_fps_forward(x, gamma, k, lengths, row_scale, kernel);
+         });
   m.impl("quality_fps_select",
          [](const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& noise, double scale,
             double tau, int64_t k, const std::optional<at::Tensor>& lengths) {

@@ -1,0 +1,446 @@
+// sinusoid_attention_pool CPU kernel: one pass over the rows. Each task owns a range of one
+// template's rows and walks it in blocks of kBlock; per block, the key scores of the rows, the
+// sinusoidal codes of their positions and the codes' scores (two matrix products), an online
+// softmax update and the weighted sum of the rows (a third product) all happen while the
+// block sits in L2. No (N, C) code nor (N, R) score exists outside a block. Per-task partial
+// states (running max, sum and weighted sum) are merged in task order, so the result depends on
+// the shapes only, never on the thread count or schedule.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "ops/cpu/vector_math.h"
+#include "ops/lane_sum.h"
+#include "ops/sinusoid_attention_pool.h"
+
+namespace fusedset {
+namespace {
+
+// Rows per block: the block's rows (kBlock x C) and codes (kBlock x D) stay in L2 (1 MB here)
+// across the three products that read them.
+constexpr int64_t kBlock = 128;
+// A task is at least kMinTaskRows rows and a template has at most kMaxTasks of them: enough
+// tasks to keep the cores busy at B = 1, partial states whose number does not grow with N.
+constexpr int64_t kMinTaskRows = 1024;
+constexpr int64_t kMaxTasks = 64;
+
+struct Tasks {
+  int64_t count;
+  int64_t size;
+
+  explicit Tasks(int64_t n) {
+    const int64_t wanted =
+        std::clamp<int64_t>((n + kMinTaskRows - 1) / kMinTaskRows, 1, kMaxTasks);
+    size = (n + wanted - 1) / wanted;
+    count = (n + size - 1) / size;
+  }
+};
+
+// The right-hand side of a product out = a b^T, b (R x K) given row-major, packed once per
+// template as column panels: panel p holds columns [p kPanel, p kPanel + width) of b^T as a
+// (K x width) row-major block, width a multiple of 8 (zero columns past R). The packed form
+// lets the product broadcast one value of a row of a against a contiguous run of the panel:
+// no horizontal sums, no repacking per block (MKL's per-call packing was a third of its time
+// on these shapes, measured with perf).
+constexpr int64_t kPanel = 32;
+
+template <typename T>
+struct Packed {
+  int64_t rows;    // K
+  int64_t cols;    // R
+  int64_t padded;  // R rounded up to a multiple of 8: the width of a product's output rows
+  std::vector<T> data;
+
+  Packed(const T* b, int64_t r, int64_t k) : rows(k), cols(r), padded((r + 7) / 8 * 8) {
+    data.assign(k * padded, T(0));
+    for (int64_t p0 = 0; p0 < padded; p0 += kPanel) {
+      const int64_t width = std::min(kPanel, padded - p0);
+      T* panel = data.data() + p0 * k;
+      for (int64_t j = p0; j < std::min(r, p0 + width); ++j) {
+        for (int64_t c = 0; c < k; ++c) {
+          panel[c * width + (j - p0)] = b[j * k + c];
+        }
+      }
+    }
+  }
+};
+
+// out (m x NR, row stride ldo) = a (m x k, row stride lda) times a (k x NR) panel, four rows
+// of a at a time: 4 x NR accumulators stay in registers and each panel row loaded serves four
+// rows of a.
+template <typename T, int NR>
+FUSEDSET_VECTOR_CLONES void multiply_panel(const T* __restrict a, int64_t lda, int64_t m,
+                                           int64_t k, const T* __restrict panel,
+                                           T* __restrict out, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    T acc0[NR] = {}, acc1[NR] = {}, acc2[NR] = {}, acc3[NR] = {};
+    const T* a0 = a + i * lda;
+    const T* a1 = a0 + lda;
+    const T* a2 = a1 + lda;
+    const T* a3 = a2 + lda;
+    for (int64_t c = 0; c < k; ++c) {
+      const T* pc = panel + c * NR;
+      const T v0 = a0[c], v1 = a1[c], v2 = a2[c], v3 = a3[c];
+      for (int j = 0; j < NR; ++j) {
+        acc0[j] += v0 * pc[j];
+        acc1[j] += v1 * pc[j];
+        acc2[j] += v2 * pc[j];
+        acc3[j] += v3 * pc[j];
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      out[i * ldo + j] = acc0[j];
+      out[(i + 1) * ldo + j] = acc1[j];
+      out[(i + 2) * ldo + j] = acc2[j];
+      out[(i + 3) * ldo + j] = acc3[j];
+    }
+  }
+  for (; i < m; ++i) {
+    T acc[NR] = {};
+    for (int64_t c = 0; c < k; ++c) {
+      const T v = a[i * lda + c];
+      for (int j = 0; j < NR; ++j) {
+        acc[j] += v * panel[c * NR + j];
+      }
+    }
+    std::copy(acc, acc + NR, out + i * ldo);
+  }
+}
+
+// out (m x b.padded) = a (m x b.rows, row stride lda) b^T; columns past b.cols are zeros.
+template <typename T>
+void multiply(const T* a, int64_t lda, int64_t m, const Packed<T>& b, T* out) {
+  for (int64_t p0 = 0; p0 < b.padded; p0 += kPanel) {
+    const int64_t width = std::min(kPanel, b.padded - p0);
+    const T* panel = b.data.data() + p0 * b.rows;
+    T* dst = out + p0;
+    switch (width) {
+      case 8:
+        multiply_panel<T, 8>(a, lda, m, b.rows, panel, dst, b.padded);
+        break;
+      case 16:
+        multiply_panel<T, 16>(a, lda, m, b.rows, panel, dst, b.padded);
+        break;
+      case 24:
+        multiply_panel<T, 24>(a, lda, m, b.rows, panel, dst, b.padded);
+        break;
+      default:
+        multiply_panel<T, 32>(a, lda, m, b.rows, panel, dst, b.padded);
+        break;
+    }
+  }
+}
+
+// acc (padded x width) += w^T x for w (m x padded) and x (m x width): the weighted sums of a
+// block's rows, for every query. A tile of 4 queries x 16 columns of acc stays in registers
+// while the block's rows stream through it (the 16-column strip of the block stays in L1 for
+// the other queries); padded is a multiple of 4.
+constexpr int64_t kTileColumns = 16;
+
+template <typename T>
+FUSEDSET_VECTOR_CLONES void accumulate_weighted(const T* __restrict w, int64_t padded,
+                                                const T* __restrict x, int64_t m, int64_t width,
+                                                T* __restrict acc) {
+  const int64_t full = width / kTileColumns * kTileColumns;
+  for (int64_t c0 = 0; c0 < full; c0 += kTileColumns) {
+    for (int64_t j = 0; j < padded; j += 4) {
+      T t0[kTileColumns], t1[kTileColumns], t2[kTileColumns], t3[kTileColumns];
+      for (int l = 0; l < kTileColumns; ++l) {
+        t0[l] = acc[j * width + c0 + l];
+        t1[l] = acc[(j + 1) * width + c0 + l];
+        t2[l] = acc[(j + 2) * width + c0 + l];
+        t3[l] = acc[(j + 3) * width + c0 + l];
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const T* xi = x + i * width + c0;
+        const T* wi = w + i * padded + j;
+        const T w0 = wi[0], w1 = wi[1], w2 = wi[2], w3 = wi[3];
+        for (int l = 0; l < kTileColumns; ++l) {
+          t0[l] += w0 * xi[l];
+          t1[l] += w1 * xi[l];
+          t2[l] += w2 * xi[l];
+          t3[l] += w3 * xi[l];
+        }
+      }
+      for (int l = 0; l < kTileColumns; ++l) {
+        acc[j * width + c0 + l] = t0[l];
+        acc[(j + 1) * width + c0 + l] = t1[l];
+        acc[(j + 2) * width + c0 + l] = t2[l];
+        acc[(j + 3) * width + c0 + l] = t3[l];
+      }
+    }
+  }
+  for (int64_t j = 0; j < padded; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      const T wij = w[i * padded + j];
+      for (int64_t c = full; c < width; ++c) {
+        acc[j * width + c] += wij * x[i * width + c];
+      }
+    }
+  }
+}
+
+// sin and cos of phase / divisors[k] for the half channel pairs, sines then cosines; returns
+// the sum of all of them.
+FUSEDSET_VECTOR_CLONES float sincos_row(float phase, const float* __restrict divisors,
+                                        int64_t half, float* __restrict sines,
+                                        float* __restrict cosines) {
+  float part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= half; k += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      sincos_reduced(phase / divisors[k + l], sines[k + l], cosines[k + l]);
+      part[l] += sines[k + l] + cosines[k + l];
+    }
+  }
+  float total = 0;
+  for (; k < half; ++k) {
+    sincos_reduced(phase / divisors[k], sines[k], cosines[k]);
+    total += sines[k] + cosines[k];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    total += part[l];
+  }
+  return total;
+}
+
+template <typename acc_t>
+acc_t sincos_row_exact(acc_t phase, const acc_t* divisors, int64_t half, acc_t* sines,
+                       acc_t* cosines) {
+  acc_t total = 0;
+  for (int64_t k = 0; k < half; ++k) {
+    const acc_t angle = phase / divisors[k];
+    sines[k] = std::sin(angle);
+    cosines[k] = std::cos(angle);
+    total += sines[k] + cosines[k];
+  }
+  return total;
+}
+
+// The sinusoidal code of each position of a block, codes (count x D) as [sines | cosines], and
+// the mean and 1 / sqrt(variance + eps) of each code over its D channels, the LayerNorm's
+// statistics. Each channel pair has sin^2 + cos^2 = 1, so the variance is 1/2 - mean^2.
+template <typename acc_t>
+void sinusoid_codes(const acc_t* positions, int64_t count, acc_t position_scale,
+                    const acc_t* divisors, int64_t half, acc_t largest_inverse_divisor, acc_t eps,
+                    acc_t* codes, acc_t* mean, acc_t* rstd) {
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t phase = positions[i] * position_scale;
+    acc_t* sines = codes + i * 2 * half;
+    acc_t* cosines = sines + half;
+    acc_t total;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      total = std::abs(phase) * largest_inverse_divisor <= kSincosMaxAngle
+                  ? sincos_row(phase, divisors, half, sines, cosines)
+                  : sincos_row_exact(phase, divisors, half, sines, cosines);
+    } else {
+      total = sincos_row_exact(phase, divisors, half, sines, cosines);
+    }
+    mean[i] = total / (2 * half);
+    rstd[i] = acc_t(1) / std::sqrt(acc_t(0.5) - mean[i] * mean[i] + eps);
+  }
+}
+
+// One row of a block's scores, s_j = scale (x . q_j) + rstd (code . g_j - mean total_j) for
+// the queries: the score of the LayerNorm'd code without normalizing the code. top_j becomes the
+// max of itself and s_j. Rows run over the padded width (a multiple of 8: no scalar tail; 1.6x
+// faster than over R = 24, measured), the padding columns' top held at +inf.
+template <typename acc_t>
+FUSEDSET_VECTOR_CLONES void combine_scores(acc_t* __restrict scores,
+                                           const acc_t* __restrict code_scores,
+                                           const acc_t* __restrict totals, int64_t padded,
+                                           acc_t scale, acc_t mean, acc_t rstd,
+                                           acc_t* __restrict top) {
+  for (int64_t j = 0; j < padded; ++j) {
+    scores[j] = scale * scores[j] + rstd * (code_scores[j] - mean * totals[j]);
+    top[j] = scores[j] > top[j] ? scores[j] : top[j];
+  }
+}
+
+// One row of a block's scores becomes its softmax weights against the running max top,
+// e_j = e^(s_j - top_j) (added to sum_j), times the row's scale: the factor of the row in the
+// weighted sum. Padding columns (top +inf) weigh 0.
+template <typename acc_t>
+FUSEDSET_VECTOR_CLONES void weigh_row(acc_t* __restrict scores, const acc_t* __restrict top,
+                                      int64_t padded, acc_t scale, acc_t* __restrict sum) {
+  for (int64_t j = 0; j < padded; ++j) {
+    const acc_t e = exp_nonpositive(scores[j] - top[j]);
+    sum[j] += e;
+    scores[j] = e * scale;
+  }
+}
+
+// The online-softmax state of one task over the rows it has seen, per query j < R: max_j, the
+// running max of the scores; sum_j = sum_i e^(s_ij - max_j); pooled_j (C) =
+// sum_i e^(s_ij - max_j) row_scale_i x_i. One row of the partials, each part padded queries
+// long; the padding queries hold max = +inf, so that they weigh nothing.
+template <typename acc_t>
+struct State {
+  acc_t* pooled;  // (padded x C)
+  acc_t* max;     // (padded)
+  acc_t* sum;     // (padded)
+
+  State(acc_t* row, int64_t r, int64_t padded, int64_t c)
+      : pooled(row), max(row + padded * c), sum(row + padded * (c + 1)) {
+    constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+    std::fill(pooled, pooled + padded * c, acc_t(0));
+    std::fill(max, max + r, -kInf);
+    std::fill(max + r, max + padded, kInf);
+    std::fill(sum, sum + padded, acc_t(0));
+  }
+};
+
+template <typename scalar_t>
+void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& logsumexp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  const int64_t batch = p.batch();
+  const int64_t n = p.rows();
+  const int64_t c = p.width();
+  const int64_t r = p.num_queries();
+  const int64_t half = p.divisors.size(0);
+  const int64_t d = 2 * half;
+  const Tasks tasks(n);
+  std::vector<Packed<acc_t>> queries, code_queries;
+  for (int64_t b = 0; b < batch; ++b) {
+    queries.emplace_back(p.queries.const_data_ptr<acc_t>() + b * r * c, r, c);
+    code_queries.emplace_back(p.position_queries.const_data_ptr<acc_t>() + b * r * d, r, d);
+  }
+  const int64_t padded = queries[0].padded;
+  std::vector<acc_t> totals(batch * padded, acc_t(0));
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t* src = p.query_totals.const_data_ptr<acc_t>() + b * r;
+    std::copy(src, src + r, totals.begin() + b * padded);
+  }
+  const int64_t row = padded * (c + 2);
+  at::Tensor partial = at::empty({batch * tasks.count, row}, pooled.options());
+  acc_t* part = partial.mutable_data_ptr<acc_t>();
+  const scalar_t* x_all = p.x.const_data_ptr<scalar_t>();
+  const acc_t* positions = p.positions.const_data_ptr<acc_t>();
+  const acc_t* row_scale = p.row_scale.defined() ? p.row_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* divisors = p.divisors.const_data_ptr<acc_t>();
+  const int64_t* lengths = p.lengths.const_data_ptr<int64_t>();
+  const acc_t position_scale = static_cast<acc_t>(p.position_scale);
+  const acc_t eps = static_cast<acc_t>(p.eps);
+  const acc_t largest_inverse_divisor = 1 / p.divisors.abs().min().item<acc_t>();
+
+  // Each thread takes the next task until none is left, rather than a fixed half of them: on
+  // cores shared with other jobs, a thread that gets less CPU time then does fewer tasks
+  // instead of holding up the whole call. Which thread runs a task does not change its result.
+  const int64_t total_tasks = batch * tasks.count;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<acc_t> scores(kBlock * padded), code_scores(kBlock * padded), codes(kBlock * d);
+    std::vector<acc_t> mean(kBlock), rstd(kBlock), top(padded), rows_buf;
+    for (int64_t task = next_task++; task < total_tasks; task = next_task++) {
+      const int64_t b = task / tasks.count;
+      const State<acc_t> s(part + task * row, r, padded, c);
+      const int64_t begin = std::min(lengths[b], (task % tasks.count) * tasks.size);
+      const int64_t end = std::min(lengths[b], begin + tasks.size);
+      for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+        const int64_t count = std::min(kBlock, end - i0);
+        const int64_t first_row = b * n + i0;
+        const acc_t* x;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          x = x_all + first_row * c;
+        } else {
+          rows_buf.resize(count * c);
+          std::transform(x_all + first_row * c, x_all + (first_row + count) * c,
+                         rows_buf.begin(), [](scalar_t v) { return static_cast<acc_t>(v); });
+          x = rows_buf.data();
+        }
+        multiply(x, c, count, queries[b], scores.data());
+        sinusoid_codes(positions + first_row, count, position_scale, divisors, half,
+                       largest_inverse_divisor, eps, codes.data(), mean.data(), rstd.data());
+        multiply(codes.data(), d, count, code_queries[b], code_scores.data());
+        std::copy(s.max, s.max + padded, top.begin());
+        for (int64_t i = 0; i < count; ++i) {
+          const acc_t scale = row_scale ? row_scale[first_row + i] : acc_t(1);
+          combine_scores(scores.data() + i * padded, code_scores.data() + i * padded,
+                         totals.data() + b * padded, padded, scale, mean[i], rstd[i],
+                         top.data());
+        }
+        for (int64_t j = 0; j < r; ++j) {
+          if (top[j] != s.max[j]) {
+            const acc_t rescale =
+                s.max[j] == -kInf ? acc_t(0) : exp_nonpositive(s.max[j] - top[j]);
+            s.sum[j] *= rescale;
+            for (int64_t k = 0; k < c; ++k) {
+              s.pooled[j * c + k] *= rescale;
+            }
+            s.max[j] = top[j];
+          }
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          const acc_t scale = row_scale ? row_scale[first_row + i] : acc_t(1);
+          weigh_row(scores.data() + i * padded, top.data(), padded, scale, s.sum);
+        }
+        accumulate_weighted(scores.data(), padded, x, count, c, s.pooled);
+      }
+    }
+  });
+
+  // Merge the tasks of each template in order: pooled = sum_t e^(max_t - max) pooled_t / sum.
+  acc_t* out = pooled.mutable_data_ptr<acc_t>();
+  acc_t* lse = logsumexp.mutable_data_ptr<acc_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t* first_task = part + b * tasks.count * row;
+    for (int64_t j = 0; j < r; ++j) {
+      acc_t top = -kInf;
+      for (int64_t t = 0; t < tasks.count; ++t) {
+        top = std::max(top, first_task[t * row + padded * c + j]);
+      }
+      acc_t total = 0;
+      acc_t* dst = out + (b * r + j) * c;
+      std::fill(dst, dst + c, acc_t(0));
+      for (int64_t t = 0; t < tasks.count; ++t) {
+        const acc_t* task_row = first_task + t * row;
+        const acc_t task_max = task_row[padded * c + j];
+        if (task_max == -kInf) {
+          continue;  // a task wholly in the padding
+        }
+        const acc_t weight = std::exp(task_max - top);
+        total += weight * task_row[padded * (c + 1) + j];
+        for (int64_t k = 0; k < c; ++k) {
+          dst[k] += weight * task_row[j * c + k];
+        }
+      }
+      for (int64_t k = 0; k < c; ++k) {
+        dst[k] /= total;
+      }
+      lse[b * r + j] = top + std::log(total);
+    }
+  }
+}
+
+void forward_kernel(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& logsumexp) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "sinusoid_attention_pool_cpu",
+                                  [&] { forward_impl<scalar_t>(p, pooled, logsumexp); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
+  m.impl("sinusoid_attention_pool",
+         [](const at::Tensor& x, const at::Tensor& queries, const at::Tensor& position_queries,
+            const at::Tensor& positions, const at::Tensor& divisors, double position_scale,
+            double eps, const std::optional<at::Tensor>& row_scale,
+            const std::optional<at::Tensor>& lengths) {
+           return sinusoid_attention_pool_forward(x, queries, position_queries, positions,
+                                                  divisors, position_scale, eps, row_scale,
+                                                  lengths, forward_kernel);
+         });
+}
+
+}  // namespace fusedset

@@ -1,0 +1,115 @@
+#include "ops/sinusoid_attention_pool.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace fusedset {
+namespace {
+
+constexpr const char* kOp = "sinusoid_attention_pool";
+
+void check_float(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), kOp, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), kOp, ": ", name, " is on ", t.device(), ", x on ",
+              x.device());
+}
+
+SinusoidPoolProblem make_problem(const at::Tensor& x, const at::Tensor& queries,
+                                 const at::Tensor& position_queries, const at::Tensor& positions,
+                                 const at::Tensor& divisors, double position_scale, double eps,
+                                 const std::optional<at::Tensor>& row_scale,
+                                 const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1, kOp, ": x must have shape (B, N >= 1, C), got ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), kOp,
+              ": x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  const int64_t batch = x.size(0);
+  const int64_t n = x.size(1);
+  TORCH_CHECK(queries.dim() == 3 && queries.size(0) == batch && queries.size(1) >= 1 &&
+                  queries.size(2) == x.size(2),
+              kOp, ": queries must have shape (", batch, ", R >= 1, ", x.size(2), "), got ",
+              queries.sizes());
+  TORCH_CHECK(divisors.dim() == 1 && divisors.size(0) >= 1, kOp,
+              ": divisors must have shape (D / 2 >= 1,), got ", divisors.sizes());
+  TORCH_CHECK(position_queries.dim() == 3 && position_queries.size(0) == batch &&
+                  position_queries.size(1) == queries.size(1) &&
+                  position_queries.size(2) == 2 * divisors.size(0),
+              kOp, ": position_queries must have shape (", batch, ", ", queries.size(1), ", ",
+              2 * divisors.size(0), "), got ", position_queries.sizes());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == batch && positions.size(1) == n, kOp,
+              ": positions must have shape (", batch, ", ", n, "), got ", positions.sizes());
+  TORCH_CHECK(std::isfinite(position_scale), kOp, ": position_scale must be finite, got ",
+              position_scale);
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), kOp, ": eps must be positive, got ", eps);
+  check_float("queries", queries, x);
+  check_float("position_queries", position_queries, x);
+  check_float("positions", positions, x);
+  check_float("divisors", divisors, x);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  SinusoidPoolProblem p;
+  p.x = x.contiguous();
+  p.queries = queries.to(acc).contiguous();
+  const at::Tensor code_queries = position_queries.to(acc);
+  p.position_queries = at::cat({code_queries.slice(2, 0, c10::nullopt, 2),
+                                code_queries.slice(2, 1, c10::nullopt, 2)},
+                               2)
+                           .contiguous();
+  p.query_totals = code_queries.sum(2).contiguous();
+  p.positions = positions.to(acc).contiguous();
+  p.divisors = divisors.to(acc).contiguous();
+  if (row_scale.has_value()) {
+    const at::Tensor& s = *row_scale;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == batch && s.size(1) == n, kOp,
+                ": row_scale must have shape (", batch, ", ", n, "), got ", s.sizes());
+    check_float("row_scale", s, x);
+    p.row_scale = s.to(acc).contiguous();
+  }
+  if (lengths.has_value()) {
+    const at::Tensor& l = *lengths;
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, kOp, ": lengths must have shape (", batch,
+                ",), got ", l.sizes());
+    TORCH_CHECK(!at::isFloatingType(l.scalar_type()) && l.scalar_type() != at::kBool, kOp,
+                ": lengths must be an integer tensor, got ", l.scalar_type());
+    p.lengths = l.to(at::kCPU, at::kLong).contiguous();
+    if (batch > 0) {
+      const int64_t lo = p.lengths.min().item<int64_t>();
+      const int64_t hi = p.lengths.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 1 && hi <= n, kOp, ": lengths must lie in [1, N = ", n,
+                        "] (a softmax needs at least one row), got values in [", lo, ", ", hi,
+                        "]");
+    }
+  } else {
+    p.lengths = at::full({batch}, n, at::TensorOptions().dtype(at::kLong));
+  }
+  p.position_scale = position_scale;
+  p.eps = eps;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sinusoid_attention_pool_forward(
+    const at::Tensor& x, const at::Tensor& queries, const at::Tensor& position_queries,
+    const at::Tensor& positions, const at::Tensor& divisors, double position_scale, double eps,
+    const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& lengths,
+    SinusoidPoolKernel kernel) {
+  const SinusoidPoolProblem p = make_problem(x, queries, position_queries, positions, divisors,
+                                             position_scale, eps, row_scale, lengths);
+  at::Tensor pooled = at::empty({p.batch(), p.num_queries(), p.width()}, p.queries.options());
+  at::Tensor logsumexp = at::empty({p.batch(), p.num_queries()}, p.queries.options());
+  if (p.batch() > 0) {
+    kernel(p, pooled, logsumexp);
+  }
+  return {pooled, logsumexp};
+}
+
+TORCH_LIBRARY_FRAGMENT(fusedset, m) {
+  m.def(
+      "sinusoid_attention_pool(Tensor x, Tensor queries, Tensor position_queries, "
+      "Tensor positions, Tensor divisors, float position_scale, float eps, "
+      "Tensor? row_scale=None, Tensor? lengths=None) -> (Tensor pooled, Tensor logsumexp)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+}  // namespace fusedset

@@ -15,9 +15,9 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(2, 1, 8, 3), (3, 2, 16, 3), (2, 5, 7, 5), (4, 40, 512, 3), (1, 2100, 33, 6)]
 
 
-def kernel(x, k, gamma, lengths=None):
+def kernel(x, k, gamma, lengths=None, row_scale=None):
     """The compiled kernel itself: never the reference, whatever the dispatch would pick."""
-    return torch.ops.fusedset.quality_fps.default(x, _gamma(gamma, x), k, lengths)
+    return torch.ops.fusedset.quality_fps.default(x, _gamma(gamma, x), k, lengths, row_scale)
 
 
 def select_kernel(x, k, gamma, noise, tau=1.0, scale=1.0, lengths=None):
@@ -135,6 +135,42 @@ def test_lengths_match_separate_templates():
     x_padded[1, 5] = float("nan")
     assert torch.equal(kernel(x_padded, 6, 0.5, lengths), out)
     assert torch.equal(reference.quality_fps(x_padded, 6, 0.5, lengths), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_row_scale_selects_as_the_scaled_rows(shape, dtype):
+    """Unit directions and norms select as their product, which is never built; zero and
+    negative scales included (a zero row, a flipped direction)."""
+    b, n, c, k = shape
+    generator = torch.Generator().manual_seed(n)
+    directions = torch.nn.functional.normalize(torch.randn(b, n, c, generator=generator), dim=-1)
+    scale = torch.empty(b, n).uniform_(0.5, 40, generator=generator)
+    if n > 3:
+        scale[:, 1] = 0
+        scale[:, 2] = -scale[:, 2]
+    directions = directions.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    product = directions.to(acc) * scale[..., None].to(acc)
+    lengths = torch.tensor([n, max(0, n - 2)] + [n] * (b - 2))[:b]
+    for gamma in (0.0, 0.7):
+        got = kernel(directions, k, gamma, lengths, scale)
+        assert torch.equal(got, kernel(product, k, gamma, lengths))
+        assert torch.equal(got, reference.quality_fps(directions, k, gamma, lengths, scale))
+        assert torch.equal(got, quality_fps(directions, k, gamma, lengths, scale))
+
+
+def test_row_scale_padding_is_never_read_and_a_bad_valid_scale_is_named():
+    x = features((2, 30, 16))
+    scale = torch.rand(2, 30) + 1
+    lengths = torch.tensor([30, 7])
+    expected = kernel(x, 5, 0.5, lengths, scale)
+    scale[1, 7:] = float("nan")
+    assert torch.equal(kernel(x, 5, 0.5, lengths, scale), expected)
+    scale[0, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"quality_fps: x\[0, 4\] is not finite"):
+        kernel(x, 5, 0.5, lengths, scale)
 
 
 def test_ties_go_to_the_lowest_index_and_rows_are_picked_once():
@@ -363,6 +399,10 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, None))
     lengths = torch.tensor([10, 4], device=device)
     torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, lengths))
+    scale = torch.rand(2, 10, device=device) + 0.5
+    torch.library.opcheck(
+        torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, lengths, scale)
+    )
     gamma_g = torch.tensor(0.5, device=device, requires_grad=True)
     torch.library.opcheck(
         torch.ops.fusedset.quality_fps_select.default,
@@ -437,6 +477,21 @@ def test_generator_makes_the_draw_reproducible():
             lambda x: quality_fps(x, 3, 1.0, torch.tensor([1, 6])),
             ValueError,
             r"lengths must lie in \[0, N = 5\]",
+        ),
+        (
+            lambda x: quality_fps(x, 3, 1.0, row_scale=torch.ones(2, 4)),
+            ValueError,
+            r"quality_fps: row_scale must have shape \(2, 5\) to match x, got \(2, 4\)",
+        ),
+        (
+            lambda x: quality_fps(x, 3, 1.0, row_scale=torch.ones(2, 5, dtype=torch.int64)),
+            TypeError,
+            r"quality_fps: row_scale must have dtype",
+        ),
+        (
+            lambda x: quality_fps(x, 3, 1.0, row_scale=torch.ones(2, 5, device="meta")),
+            ValueError,
+            r"quality_fps: row_scale is on meta, x on cpu",
         ),
         (
             lambda x: quality_fps_select(x, 3, 1.0, tau=0.0),

@@ -22,8 +22,10 @@ from fusedset.reference._sinusoid import frequency_divisors
 from fusedset.reference.sinusoid_attention_pool import (
     accumulation_dtype,
     attention_scores,
+    code_angles,
     zero_padding,
 )
+from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
 
 _OP = "sinusoid_attention_pool"
 # Rows per step of the backward's recomputation: bounds its extra memory whatever N is.
@@ -184,10 +186,11 @@ def pool_backward(
             if lengths is not None:
                 valid = torch.arange(start, stop, device=x.device) < lengths[:, None]
                 rows = zero_padding(valid, *rows)
+            positions = rows[1].to(pooled.dtype)
+            angles = code_angles(positions, inputs.position_scale, inputs.divisors)
             values, scores = attention_scores(
-                rows[0], leaves["queries"], leaves["position_queries"], rows[1], rows[2],
-                inputs.position_scale, inputs.divisors, inputs.eps,
-            )  # fmt: skip
+                rows[0], leaves["queries"], leaves["position_queries"], angles, rows[2], inputs.eps
+            )
         weights = torch.exp(scores.detach() - logsumexp[:, None, :])
         if lengths is not None:
             weights = weights * valid[..., None]
@@ -234,3 +237,17 @@ if _dispatch.extension_loaded():
     torch.library.register_autograd(
         "fusedset::sinusoid_attention_pool", _backward, setup_context=_setup_context
     )
+
+    if _dispatch.triton_importable():
+
+        @torch.library.register_kernel("fusedset::sinusoid_attention_pool", "cuda")
+        def _cuda(x, queries, position_queries, positions, divisors, position_scale, eps,
+                  row_scale=None, lengths=None):  # fmt: skip
+            from fusedset.triton_kernels import sinusoid_attention_pool as kernels
+
+            args = (x, queries, position_queries, positions, divisors, position_scale, eps,
+                    row_scale, lengths)  # fmt: skip
+            # float64 and R > 64 (beyond the kernel's register budget) run the eager form.
+            if x.dtype == torch.float64 or queries.shape[1] > kernels.MAX_QUERIES:
+                return reference_pool(*args)
+            return kernels.forward(*args)

@@ -28,27 +28,44 @@ def zero_padding(
     return x, positions, None if row_scale is None else torch.where(valid, row_scale, 0)
 
 
+def code_angles(
+    positions: torch.Tensor, position_scale: float, divisors: torch.Tensor
+) -> torch.Tensor:
+    """(B, n) positions -> (B, n, D/2) angles ``positions * position_scale / divisors[k]`` in
+    the positions' dtype, as torch forms them in the released code."""
+    return (positions * position_scale)[..., None] / divisors.to(positions.dtype)
+
+
 def attention_scores(
     x: torch.Tensor,
     queries: torch.Tensor,
     position_queries: torch.Tensor,
-    positions: torch.Tensor,
+    angles: torch.Tensor,
     row_scale: torch.Tensor | None,
-    position_scale: float,
-    divisors: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (B, n, C), scores (B, n, R)) of n rows, in the accumulation dtype; channel pair
-    k of the codes is sin, cos of ``positions * position_scale / divisors[k]``."""
+    """(values (B, n, C), scores (B, n, R)) of n rows in the accumulation dtype; channel pair k
+    of the codes is sin, cos of ``angles[..., k]``."""
     acc = accumulation_dtype(x.dtype)
     values = x.to(acc)
     if row_scale is not None:
         values = values * row_scale.to(acc)[..., None]
-    angles = (positions.to(acc) * position_scale)[..., None] / divisors.to(acc)
     width = position_queries.shape[-1]
-    code = F.layer_norm(encode_angles(angles), (width,), eps=eps)
+    code = F.layer_norm(encode_angles(angles.to(acc)), (width,), eps=eps)
     scores = values @ queries.to(acc).transpose(1, 2)
     return values, scores + code @ position_queries.to(acc).transpose(1, 2)
+
+
+def softmax_pool(
+    values: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (B, R, C), logsumexp (B, R)) of values (B, N, C) under the softmax over the
+    first lengths[b] rows of scores (B, N, R)."""
+    if lengths is not None:
+        valid = torch.arange(scores.shape[1], device=scores.device) < lengths[:, None]
+        scores = scores.masked_fill(~valid[..., None], float("-inf"))
+    weights = torch.softmax(scores, dim=1)
+    return weights.transpose(1, 2) @ values, torch.logsumexp(scores, dim=1)
 
 
 def sinusoid_attention_pool(
@@ -63,16 +80,30 @@ def sinusoid_attention_pool(
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled (B, R, C), logsumexp (B, R)); see fusedset.ops.sinusoid_attention_pool."""
-    if lengths is not None:
-        valid = torch.arange(x.shape[1], device=x.device) < lengths.to(x.device)[:, None]
-        x, positions, row_scale = zero_padding(valid, x, positions, row_scale)
     divisors = frequency_divisors(
         position_queries.shape[-1], temperature, accumulation_dtype(x.dtype), x.device
     )
-    values, scores = attention_scores(
-        x, queries, position_queries, positions, row_scale, position_scale, divisors, eps
-    )
+    return pool(x, queries, position_queries, positions, divisors, position_scale, eps,
+                row_scale, lengths)  # fmt: skip
+
+
+def pool(
+    x: torch.Tensor,
+    queries: torch.Tensor,
+    position_queries: torch.Tensor,
+    positions: torch.Tensor,
+    divisors: torch.Tensor,
+    position_scale: float,
+    eps: float,
+    row_scale: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sinusoid_attention_pool with the arguments of torch.ops.fusedset.sinusoid_attention_pool
+    (the frequency divisors given)."""
     if lengths is not None:
-        scores = scores.masked_fill(~valid[..., None], float("-inf"))
-    weights = torch.softmax(scores, dim=1)
-    return weights.transpose(1, 2) @ values, torch.logsumexp(scores, dim=1)
+        lengths = lengths.to(x.device)
+        valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
+        x, positions, row_scale = zero_padding(valid, x, positions, row_scale)
+    angles = code_angles(positions.to(accumulation_dtype(x.dtype)), position_scale, divisors)
+    values, scores = attention_scores(x, queries, position_queries, angles, row_scale, eps)
+    return softmax_pool(values, scores, lengths)

@@ -1,0 +1,318 @@
+import math
+
+import pytest
+import torch
+
+import fusedset
+from fusedset import reference
+from fusedset.ops import sinusoid_attention_pool
+from fusedset.reference._sinusoid import frequency_divisors
+from fusedset.reference.sinusoid_attention_pool import (
+    attention_scores,
+    code_angles,
+    softmax_pool,
+    zero_padding,
+)
+from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
+
+from .helpers import DEVICES, RTOL, assert_rel_close
+
+triton_kernels = pytest.importorskip("fusedset.triton_kernels.sinusoid_attention_pool")
+
+TWO_PI = 2 * math.pi
+# Half-precision rows are rounded before the kernels see them; against the float64 truth on the
+# same rounded rows the float32 accumulation stays far inside 1e-3.
+OUT_RTOL = {**RTOL, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+
+def cpp(*args):
+    """The C++ kernel itself, never the reference."""
+    return torch.ops.fusedset.sinusoid_attention_pool.default(*args)
+
+
+def problem(b, n, c, r, d, dtype=torch.float32, device="cpu", seed=0, positions=(5.0, 40.0)):
+    """Rows, queries, code queries, positions (as FaceCoresetNet's norms) and row scales, with
+    scores spread over several units so that the softmax is neither flat nor one-hot."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, c, generator=generator)
+    queries = torch.randn(b, r, c, generator=generator) * (2 / math.sqrt(c))
+    code_queries = torch.randn(b, r, d, generator=generator) * (2 / math.sqrt(d))
+    low, high = positions
+    pos = torch.rand(b, n, generator=generator) * (high - low) + low
+    scale = torch.rand(b, n, generator=generator) + 0.5
+    tensors = [x.to(dtype), queries, code_queries, pos, scale]
+    return [t.to(device) for t in tensors]
+
+
+def divisors_for(d, dtype=torch.float32, device="cpu"):
+    return frequency_divisors(d, 10000.0, dtype, device)
+
+
+def truth(x, queries, code_queries, positions, row_scale=None, lengths=None):
+    """The reference in float64 on the same (rounded) inputs, from the float32 angles the
+    float32 kernels form (as torch does in the released code)."""
+    divisors = divisors_for(code_queries.shape[-1], device=x.device)
+    if lengths is not None:
+        valid = torch.arange(x.shape[1]) < lengths[:, None]
+        x, positions, row_scale = zero_padding(valid, x, positions, row_scale)
+    angles = code_angles(positions.float(), TWO_PI, divisors).double()
+    values, scores = attention_scores(
+        x.double(), queries.double(), code_queries.double(), angles,
+        None if row_scale is None else row_scale.double(), 1e-5,
+    )  # fmt: skip
+    return softmax_pool(values, scores, lengths)
+
+
+def check(out, x, queries, code_queries, positions, row_scale=None, lengths=None):
+    pooled, logsumexp = out
+    expected_pooled, expected_lse = truth(x, queries, code_queries, positions, row_scale, lengths)
+    assert pooled.dtype == logsumexp.dtype == torch.float32
+    assert_rel_close(pooled, expected_pooled, OUT_RTOL[x.dtype])
+    assert_rel_close(logsumexp, expected_lse, OUT_RTOL[x.dtype])
+
+
+def run_cpp(x, queries, code_queries, positions, row_scale=None, lengths=None):
+    d = code_queries.shape[-1]
+    return cpp(x, queries, code_queries, positions, divisors_for(d), TWO_PI, 1e-5, row_scale,
+               lengths)  # fmt: skip
+
+
+# ---------------------------------------------------------------- C++ forward
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# N = 1; a block's tail (128 rows); several tasks (1024 rows or more) with a tail.
+@pytest.mark.parametrize("n", [1, 2, 127, 129, 2049, 5003])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_matches_reference(n, dtype, scaled):
+    x, q, g, pos, scale = problem(2, n, 48, 24, 64, dtype)
+    scale = scale if scaled else None
+    check(run_cpp(x, q, g, pos, scale), x, q, g, pos, scale)
+
+
+# R off the 8-wide panels and over one 32-wide panel; C off the 16-wide tiles; D = 2 to 1024.
+@pytest.mark.parametrize(("c", "r", "d"), [(1, 1, 2), (7, 5, 6), (33, 9, 1024), (512, 24, 512),
+                                           (100, 33, 40), (64, 70, 18)])  # fmt: skip
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_shapes(c, r, d):
+    x, q, g, pos, scale = problem(3, 300, c, r, d, seed=c)
+    check(run_cpp(x, q, g, pos, scale), x, q, g, pos, scale)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_ragged_never_reads_padding():
+    x, q, g, pos, scale = problem(3, 2500, 40, 8, 32)
+    lengths = torch.tensor([2500, 1, 1030])
+    padded = torch.arange(2500) >= lengths[:, None]
+    expected = truth(x, q, g, pos, scale, lengths)
+    x[padded], pos[padded], scale[padded] = float("nan"), float("nan"), float("inf")
+    got = run_cpp(x, q, g, pos, scale, lengths)
+    for actual, want in zip(got, expected, strict=True):
+        assert_rel_close(actual, want, RTOL[torch.float32])
+
+
+def test_cpp_large_angles_take_the_exact_path():
+    """Angles past 2^20 radians are reduced by libm, not by the vectorized sincos."""
+    x, q, g, pos, scale = problem(1, 200, 16, 4, 8, positions=(1e6, 3e6))
+    check(run_cpp(x, q, g, pos, scale), x, q, g, pos, scale)
+
+
+def test_cpp_float64():
+    x, q, g, pos, scale = (t.double() for t in problem(2, 1500, 20, 6, 10))
+    d = divisors_for(10, torch.float64)
+    got = cpp(x, q, g, pos, d, TWO_PI, 1e-5, scale, None)
+    expected = reference_pool(x, q, g, pos, d, TWO_PI, 1e-5, scale)
+    assert got[0].dtype == torch.float64
+    for actual, want in zip(got, expected, strict=True):
+        assert_rel_close(actual, want, RTOL[torch.float64])
+
+
+def test_cpp_100k_rows_face_width():
+    x, q, g, pos, scale = problem(1, 100_000, 512, 24, 512)
+    check(run_cpp(x, q, g, pos, scale), x, q, g, pos, scale)
+
+
+def test_cpp_is_bitwise_deterministic_across_thread_counts():
+    args = problem(2, 9000, 32, 12, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_cpp(*args)
+        torch.set_num_threads(2)
+        two = run_cpp(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cpp_nan_row_poisons_the_output():
+    x, q, g, pos, scale = problem(1, 300, 16, 4, 8)
+    x[0, 123, 5] = float("nan")
+    assert run_cpp(x, q, g, pos, scale)[0].isnan().all()
+
+
+# ---------------------------------------------------------------- Triton (interpreted on CPU)
+
+
+@pytest.mark.parametrize(
+    ("n", "r", "dtype", "scaled"),
+    [
+        (1, 1, torch.float32, False),
+        (33, 24, torch.float32, True),
+        (700, 17, torch.float16, True),
+        (1100, 64, torch.bfloat16, False),
+    ],
+)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_matches_reference(n, r, dtype, scaled):
+    x, q, g, pos, scale = problem(2, n, 40, r, 70, dtype)
+    scale = scale if scaled else None
+    lengths = torch.tensor([n, max(1, n // 3)])
+    got = triton_kernels.forward(x, q, g, pos, divisors_for(70), TWO_PI, 1e-5, scale, lengths)
+    check(got, x, q, g, pos, scale, lengths)
+
+
+def test_triton_is_bitwise_deterministic_and_matches_cpp():
+    args = problem(1, 1300, 24, 8, 16)
+    call = (*args[:4], divisors_for(16), TWO_PI, 1e-5, args[4], None)
+    first, second = triton_kernels.forward(*call), triton_kernels.forward(*call)
+    for a, b, c in zip(first, second, cpp(*call), strict=True):
+        assert torch.equal(a, b)
+        assert_rel_close(a, c, 1e-5)
+
+
+def test_triton_rejects_too_many_queries():
+    x, q, g, pos, _ = problem(1, 4, 8, 65, 4)
+    with pytest.raises(ValueError, match=r"R <= 64, got R = 65"):
+        triton_kernels.forward(x, q, g, pos, divisors_for(4), TWO_PI, 1e-5)
+
+
+# ---------------------------------------------------------------- autograd and torch integration
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    x, q, g, pos, scale = (
+        t.to(device=device, dtype=torch.float64).requires_grad_()
+        for t in problem(2, 11, 6, 3, 6, positions=(0.5, 3.0))
+    )
+    lengths = torch.tensor([11, 4], device=device)
+
+    def fn(*inputs):
+        return sinusoid_attention_pool(*inputs[:4], row_scale=inputs[4], lengths=lengths,
+                                       position_scale=TWO_PI)  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (x, q, g, pos, scale))
+
+
+@pytest.mark.parametrize("needs", ["all", "queries only", "rows only"])
+def test_backward_matches_reference_float32(needs):
+    base = problem(2, 5000, 32, 8, 16)
+    lengths = torch.tensor([5000, 4321])
+    want = {
+        "all": (True,) * 5,
+        "queries only": (False, True, True, False, False),
+        "rows only": (True, False, False, True, True),
+    }[needs]
+    grads = []
+    for run in (sinusoid_attention_pool, reference.sinusoid_attention_pool):
+        inputs = [t.clone().requires_grad_(w) for t, w in zip(base, want, strict=True)]
+        if run is sinusoid_attention_pool:
+            pooled, lse = run(*inputs[:4], row_scale=inputs[4], lengths=lengths,
+                              position_scale=TWO_PI)  # fmt: skip
+        else:
+            pooled, lse = run(*inputs[:4], inputs[4], lengths, TWO_PI)
+        weight = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(3))
+        loss = (pooled * weight).sum() + lse.square().sum()
+        grads.append(torch.autograd.grad(loss, [t for t in inputs if t.requires_grad]))
+    for got, expected in zip(*grads, strict=True):
+        assert_rel_close(got, expected, 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_opcheck(device, ragged):
+    x, q, g, pos, scale = (t.to(device).requires_grad_() for t in problem(2, 9, 5, 3, 4))
+    lengths = torch.tensor([9, 2], device=device) if ragged else None
+    args = (x, q, g, pos, divisors_for(4, device=device), TWO_PI, 1e-5, scale, lengths)
+    torch.library.opcheck(torch.ops.fusedset.sinusoid_attention_pool.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def fused(x, queries, code_queries, positions):
+        pooled, lse = sinusoid_attention_pool(torch.tanh(x), queries, code_queries, positions,
+                                              position_scale=TWO_PI)  # fmt: skip
+        return pooled.square().sum() + lse.sum()
+
+    inputs = [t.to(device).requires_grad_() for t in problem(2, 30, 8, 4, 6)[:4]]
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    value = compiled(*inputs)
+    got = torch.autograd.grad(value, inputs)
+    with fusedset.force_reference():
+        expected_value = fused(*inputs)
+        expected = torch.autograd.grad(expected_value, inputs)
+    assert_rel_close(value.detach(), expected_value.detach(), 1e-5)
+    for g, e in zip(got, expected, strict=True):
+        assert_rel_close(g, e, 1e-4)
+
+
+def test_public_op_runs_the_kernel_and_the_switch_runs_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        reference, "sinusoid_attention_pool", lambda *a: calls.append(a) or (torch.zeros(1),) * 2
+    )
+    x, q, g, pos, _ = problem(2, 5, 4, 3, 6)
+    assert sinusoid_attention_pool(x, q, g, pos)[0].shape == (2, 3, 4)
+    assert calls == []
+    with fusedset.force_reference():
+        sinusoid_attention_pool(x, q, g, pos, position_scale=2.0, temperature=100.0, eps=1e-3)
+    assert len(calls) == 1
+    assert calls[0][6:] == (2.0, 100.0, 1e-3)
+
+
+X, Q, G, P = torch.randn(2, 5, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 6), torch.rand(2, 5)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        ((X[0], Q, G, P), {}, ValueError, "x must have 3 dimensions (B, N, C), got shape (5, 8)"),
+        ((X.long(), Q, G, P), {}, TypeError,
+         "x must have dtype float16, bfloat16, float32, float64, got torch.int64"),
+        ((X[:, :0], Q, G, P[:, :0]), {}, ValueError,
+         "x must have shape (B, N >= 1, C), got (2, 0, 8)"),
+        ((X, Q[..., :7], G, P), {}, ValueError,
+         "queries must have shape (2, R >= 1, 8) to match x (2, 5, 8), got (2, 3, 7)"),
+        ((X, Q, G[..., :5], P), {}, ValueError,
+         "position_queries must have shape (2, 3, D) with D even and >= 2 to match queries, "
+         "got (2, 3, 5)"),
+        ((X, Q, G, P[:, :4]), {}, ValueError, "positions must have shape (2, 5), got (2, 4)"),
+        ((X, Q, G, [1.0]), {}, TypeError,
+         "positions must be a torch.Tensor of shape (B, N), got list"),
+        ((X, Q, G, P), {"row_scale": P[:1]}, ValueError,
+         "row_scale must have shape (2, 5), got (1, 5)"),
+        ((X, Q, G, P), {"lengths": torch.tensor([5, 0])}, ValueError,
+         "lengths must lie in [1, N = 5] (a softmax needs at least one row), got [5, 0]"),
+        ((X, Q, G, P), {"lengths": torch.tensor([5.0, 1.0])}, TypeError,
+         "lengths must have dtype int16, int32, int64, got torch.float32"),
+        ((X, Q, G, P.to("meta")), {}, ValueError, "positions is on meta, x on cpu"),
+        ((X, Q, G, P), {"temperature": 0.0}, ValueError, "temperature must be positive, got 0.0"),
+        ((X, Q, G, P), {"eps": -1.0}, ValueError, "eps must be positive, got -1.0"),
+        ((X, Q, G, P), {"position_scale": math.inf}, ValueError,
+         "position_scale must be finite, got inf"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_name_the_argument(args, kwargs, error, message):
+    with pytest.raises(error) as info:
+        sinusoid_attention_pool(*args, **kwargs)
+    assert str(info.value) == f"sinusoid_attention_pool: {message}"
+
+
+def test_cpp_checks_its_arguments_too():
+    with pytest.raises(RuntimeError, match=r"sinusoid_attention_pool: positions must have shape"):
+        cpp(X, Q, G, P[:, :4], divisors_for(6), 1.0, 1e-5, None, None)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, N = 5\]"):
+        cpp(X, Q, G, P, divisors_for(6), 1.0, 1e-5, None, torch.tensor([5, 6]))

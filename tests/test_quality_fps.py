@@ -161,6 +161,27 @@ def test_row_scale_selects_as_the_scaled_rows(shape, dtype):
         assert torch.equal(got, quality_fps(directions, k, gamma, lengths, scale))
 
 
+def test_row_scale_first_pick_guess_right_wrong_or_directionless():
+    """The kernel guesses the first pick from the largest |row_scale| and reuses its first
+    sweep when right: the picks are those of the product however the guess turns out."""
+    generator = torch.Generator().manual_seed(5)
+    x = features((3, 2100, 24), generator=generator)
+    scale = torch.empty(3, 2100).uniform_(1, 2, generator=generator)
+    scale[0, 17] = 10  # template 0: the guess is right (its row has the largest product)
+    x[0, 17] = x[0, 17] / x[0, 17].norm() * 3
+    scale[1, 5] = 2.5  # template 1: the guess is wrong (a short row)
+    x[1, 5] = x[1, 5] / x[1, 5].norm() * 0.01
+    scale[2, 8] = 50  # template 2: the guess has no direction
+    x[2, 8] = 0
+    first = kernel(x, 1, 0.7, None, scale)[:, 0].tolist()
+    assert first[0] == 17
+    assert first[1] != 5
+    assert first[2] != 8
+    for k in (1, 2, 5):
+        got = kernel(x, k, 0.7, None, scale)
+        assert torch.equal(got, kernel(x * scale[..., None], k, 0.7))
+
+
 def test_row_scale_padding_is_never_read_and_a_bad_valid_scale_is_named():
     x = features((2, 30, 16))
     scale = torch.rand(2, 30) + 1

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/vector_math.h"
 #include "ops/lane_sum.h"
 #include "ops/quality_fps.h"
@@ -131,9 +132,10 @@ void run(QualityFpsProblem& p) {
   const int64_t grain =
       task_grain(std::min(n, kChunkRows), channels * static_cast<int64_t>(sizeof(scalar_t)));
 
+  const int64_t threads = (tasks + grain - 1) / grain;
   for (int64_t t = 0; t < steps; ++t) {
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
+    run_dynamic(tasks, threads, [&](const auto& next) {
+      for (int64_t task = next(); task >= 0; task = next()) {
         const int64_t b = task / chunks;
         const int64_t lo = (task % chunks) * kChunkRows;
         const int64_t hi = std::min(n, lo + kChunkRows);
@@ -159,6 +161,8 @@ void run(QualityFpsProblem& p) {
             half_qg[r] = direction ? std::pow(q, gamma) / 2 : 0;
             inv_q[r] = direction ? 1 / q : 0;
             if (guess[b] >= 0) {
+              // A second sweep of the row, from L1: one sweep taking both sums vectorized
+              // badly (GCC permuted lanes) and ran 2x slower.
               guess_dot[r] = row_factor * row_dot<scalar_t, acc_t>(
                                               row, guess_unit.data() + b * channels, channels);
             }

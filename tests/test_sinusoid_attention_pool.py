@@ -71,10 +71,10 @@ def check(out, x, queries, code_queries, positions, row_scale=None, lengths=None
     assert_rel_close(logsumexp, expected_lse, OUT_RTOL[x.dtype])
 
 
-def run_cpp(x, queries, code_queries, positions, row_scale=None, lengths=None):
+def run_cpp(x, queries, code_queries, positions, row_scale=None, lengths=None, series=True):
     d = code_queries.shape[-1]
     return cpp(x, queries, code_queries, positions, divisors_for(d), TWO_PI, 1e-5, row_scale,
-               lengths)  # fmt: skip
+               lengths, series)  # fmt: skip
 
 
 # ---------------------------------------------------------------- C++ forward
@@ -110,6 +110,31 @@ def test_cpp_ragged_never_reads_padding():
     got = run_cpp(x, q, g, pos, scale, lengths)
     for actual, want in zip(got, expected, strict=True):
         assert_rel_close(actual, want, RTOL[torch.float32])
+
+
+# Positions whose largest angle leaves every pair to the power series (pairs summed as one
+# polynomial per query), the FaceCoresetNet range (half of them), none of them, and all zero.
+@pytest.mark.parametrize("positions", [(0.0, 0.3), (5.0, 40.0), (100.0, 5000.0), (0.0, 0.0)])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_series_and_exact_pairs(positions):
+    x, q, g, pos, scale = problem(2, 700, 32, 24, 512, positions=positions)
+    for series in (True, False):
+        check(run_cpp(x, q, g, pos, scale, series=series), x, q, g, pos, scale)
+
+
+def test_recorded_calls_take_every_sine_as_torch():
+    """Under autograd the kernel forms every code as torch does (the backward recomputes them
+    so): its output is the exact path's, bit for bit."""
+    x, q, g, pos, scale = problem(1, 300, 16, 8, 512)
+    exact = run_cpp(x, q, g, pos, scale, series=False)
+    recorded = sinusoid_attention_pool(x, q.requires_grad_(), g, pos, row_scale=scale,
+                                       position_scale=TWO_PI)  # fmt: skip
+    for a, b in zip(recorded, exact, strict=True):
+        assert torch.equal(a.detach(), b)
+    with torch.no_grad():
+        fast = sinusoid_attention_pool(x, q, g, pos, row_scale=scale, position_scale=TWO_PI)
+    for a, b in zip(fast, run_cpp(x, q, g, pos, scale), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_cpp_large_angles_take_the_exact_path():
@@ -236,7 +261,7 @@ def test_backward_matches_reference_float32(needs):
 def test_opcheck(device, ragged):
     x, q, g, pos, scale = (t.to(device).requires_grad_() for t in problem(2, 9, 5, 3, 4))
     lengths = torch.tensor([9, 2], device=device) if ragged else None
-    args = (x, q, g, pos, divisors_for(4, device=device), TWO_PI, 1e-5, scale, lengths)
+    args = (x, q, g, pos, divisors_for(4, device=device), TWO_PI, 1e-5, scale, lengths, False)
     torch.library.opcheck(torch.ops.fusedset.sinusoid_attention_pool.default, args)
 
 

@@ -19,7 +19,7 @@ SinusoidPoolProblem make_problem(const at::Tensor& x, const at::Tensor& queries,
                                  const at::Tensor& position_queries, const at::Tensor& positions,
                                  const at::Tensor& divisors, double position_scale, double eps,
                                  const std::optional<at::Tensor>& row_scale,
-                                 const std::optional<at::Tensor>& lengths) {
+                                 const std::optional<at::Tensor>& lengths, bool series) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1, kOp, ": x must have shape (B, N >= 1, C), got ",
               x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), kOp,
@@ -84,6 +84,7 @@ SinusoidPoolProblem make_problem(const at::Tensor& x, const at::Tensor& queries,
   }
   p.position_scale = position_scale;
   p.eps = eps;
+  p.series = series;
   return p;
 }
 
@@ -93,9 +94,9 @@ std::tuple<at::Tensor, at::Tensor> sinusoid_attention_pool_forward(
     const at::Tensor& x, const at::Tensor& queries, const at::Tensor& position_queries,
     const at::Tensor& positions, const at::Tensor& divisors, double position_scale, double eps,
     const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& lengths,
-    SinusoidPoolKernel kernel) {
+    bool series, SinusoidPoolKernel kernel) {
   const SinusoidPoolProblem p = make_problem(x, queries, position_queries, positions, divisors,
-                                             position_scale, eps, row_scale, lengths);
+                                             position_scale, eps, row_scale, lengths, series);
   at::Tensor pooled = at::empty({p.batch(), p.num_queries(), p.width()}, p.queries.options());
   at::Tensor logsumexp = at::empty({p.batch(), p.num_queries()}, p.queries.options());
   if (p.batch() > 0) {
@@ -108,7 +109,8 @@ TORCH_LIBRARY_FRAGMENT(fusedset, m) {
   m.def(
       "sinusoid_attention_pool(Tensor x, Tensor queries, Tensor position_queries, "
       "Tensor positions, Tensor divisors, float position_scale, float eps, "
-      "Tensor? row_scale=None, Tensor? lengths=None) -> (Tensor pooled, Tensor logsumexp)",
+      "Tensor? row_scale=None, Tensor? lengths=None, bool series=True) "
+      "-> (Tensor pooled, Tensor logsumexp)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -23,7 +23,8 @@ struct SinusoidPoolProblem {
   at::Tensor row_scale;         // (B, N), or undefined for 1
   at::Tensor lengths;           // (B,) int64 in [1, N]: rows at or past lengths[b] are padding
   double position_scale;
-  double eps;  // the LayerNorm's variance epsilon
+  double eps;   // the LayerNorm's variance epsilon
+  bool series;  // small-angle channel pairs may be summed as power series (float kernels)
 
   int64_t batch() const { return x.size(0); }
   int64_t rows() const { return x.size(1); }
@@ -40,6 +41,6 @@ std::tuple<at::Tensor, at::Tensor> sinusoid_attention_pool_forward(
     const at::Tensor& x, const at::Tensor& queries, const at::Tensor& position_queries,
     const at::Tensor& positions, const at::Tensor& divisors, double position_scale, double eps,
     const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& lengths,
-    SinusoidPoolKernel kernel);
+    bool series, SinusoidPoolKernel kernel);
 
 }  // namespace fusedset

@@ -77,12 +77,13 @@ std::vector<T> pack_transposed(const T* b, int64_t r, int64_t k) {
 }
 
 // MR rows of out (row stride ldo, NR columns) = (or += with kAccumulate) MR rows of a times a
-// (k x NR) panel, element (row, t) of a at a[row * row_stride + t * k_stride]: MR x NR
-// accumulators stay in registers and each panel row loaded serves MR rows.
+// (k x NR) panel with rows panel_stride apart, element (row, t) of a at
+// a[row * row_stride + t * k_stride]: MR x NR accumulators stay in registers and each panel
+// row loaded serves MR rows.
 template <typename T, int MR, int NR, bool kAccumulate>
 FUSEDSET_VECTOR_CLONES void multiply_tile(const T* __restrict a, int64_t row_stride,
                                           int64_t k_stride, int64_t k, const T* __restrict panel,
-                                          T* __restrict out, int64_t ldo) {
+                                          int64_t panel_stride, T* __restrict out, int64_t ldo) {
   T acc[MR][NR];
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
@@ -90,7 +91,7 @@ FUSEDSET_VECTOR_CLONES void multiply_tile(const T* __restrict a, int64_t row_str
     }
   }
   for (int64_t t = 0; t < k; ++t) {
-    const T* pt = panel + t * NR;
+    const T* pt = panel + t * panel_stride;
     for (int i = 0; i < MR; ++i) {
       const T v = a[i * row_stride + t * k_stride];
       for (int j = 0; j < NR; ++j) {
@@ -119,64 +120,65 @@ inline bool wide_registers() {
 
 template <typename T, int NR, bool kAccumulate>
 void multiply_rows(const T* a, int64_t row_stride, int64_t k_stride, int64_t m, int64_t k,
-                   const T* panel, T* out, int64_t ldo) {
+                   const T* panel, int64_t panel_stride, T* out, int64_t ldo) {
   int64_t i = 0;
   if (wide_registers()) {
     for (; i + 8 <= m; i += 8) {
       multiply_tile<T, 8, NR, kAccumulate>(a + i * row_stride, row_stride, k_stride, k, panel,
-                                           out + i * ldo, ldo);
+                                           panel_stride, out + i * ldo, ldo);
     }
   }
   for (; i + 4 <= m; i += 4) {
     multiply_tile<T, 4, NR, kAccumulate>(a + i * row_stride, row_stride, k_stride, k, panel,
-                                         out + i * ldo, ldo);
+                                         panel_stride, out + i * ldo, ldo);
   }
   for (; i < m; ++i) {
     multiply_tile<T, 1, NR, kAccumulate>(a + i * row_stride, row_stride, k_stride, k, panel,
-                                         out + i * ldo, ldo);
+                                         panel_stride, out + i * ldo, ldo);
   }
 }
 
 // out (m x padded, row-major) = (or += with kAccumulate) a (m x k) times the panels of a
-// (k x padded) matrix; element (row, t) of a at a[row * row_stride + t * k_stride].
+// (k x padded) matrix; element (row, t) of a at a[row * row_stride + t].
 template <typename T, bool kAccumulate>
-void multiply(const T* a, int64_t row_stride, int64_t k_stride, int64_t m, int64_t k,
-              const T* panels, int64_t padded, T* out) {
+void multiply(const T* a, int64_t row_stride, int64_t m, int64_t k, const T* panels,
+              int64_t padded, T* out) {
   for (int64_t p0 = 0; p0 < padded; p0 += kPanel) {
     const T* panel = panels + p0 * k;
     T* dst = out + p0;
     switch (std::min(kPanel, padded - p0)) {
       case 8:
-        multiply_rows<T, 8, kAccumulate>(a, row_stride, k_stride, m, k, panel, dst, padded);
+        multiply_rows<T, 8, kAccumulate>(a, row_stride, 1, m, k, panel, 8, dst, padded);
         break;
       case 16:
-        multiply_rows<T, 16, kAccumulate>(a, row_stride, k_stride, m, k, panel, dst, padded);
+        multiply_rows<T, 16, kAccumulate>(a, row_stride, 1, m, k, panel, 16, dst, padded);
         break;
       case 24:
-        multiply_rows<T, 24, kAccumulate>(a, row_stride, k_stride, m, k, panel, dst, padded);
+        multiply_rows<T, 24, kAccumulate>(a, row_stride, 1, m, k, panel, 24, dst, padded);
         break;
       default:
-        multiply_rows<T, 32, kAccumulate>(a, row_stride, k_stride, m, k, panel, dst, padded);
+        multiply_rows<T, 32, kAccumulate>(a, row_stride, 1, m, k, panel, 32, dst, padded);
         break;
     }
   }
 }
 
-// Row-major (m x padded) weights w laid out as panels (the layout multiply reads): a copy only
-// when there is more than one panel.
+// acc (padded x width) += w^T x for the weights w (count x padded) and a block's rows x
+// (count x width): the weighted sums of the rows, for every query. Tiles of 8 (AVX2: 4) queries
+// by 32 columns: a strip of 32 columns of the block serves every query from L1.
 template <typename T>
-const T* as_panels(const T* w, int64_t m, int64_t padded, std::vector<T>& buf) {
-  if (padded <= kPanel) {
-    return w;
+void accumulate_weighted(const T* w, int64_t padded, const T* x, int64_t count, int64_t width,
+                         T* acc) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= width; c0 += 32) {
+    multiply_rows<T, 32, true>(w, 1, padded, padded, count, x + c0, width, acc + c0, width);
   }
-  buf.resize(m * padded);
-  for (int64_t p0 = 0; p0 < padded; p0 += kPanel) {
-    const int64_t width = std::min(kPanel, padded - p0);
-    for (int64_t i = 0; i < m; ++i) {
-      std::copy(w + i * padded + p0, w + i * padded + p0 + width, buf.data() + p0 * m + i * width);
-    }
+  for (; c0 + 8 <= width; c0 += 8) {
+    multiply_rows<T, 8, true>(w, 1, padded, padded, count, x + c0, width, acc + c0, width);
   }
-  return buf.data();
+  for (; c0 < width; ++c0) {
+    multiply_rows<T, 1, true>(w, 1, padded, padded, count, x + c0, width, acc + c0, width);
+  }
 }
 
 // sin and cos of phase / divisors[k] for the half channel pairs, sines then cosines; returns
@@ -376,12 +378,11 @@ FUSEDSET_VECTOR_CLONES void weigh_row(acc_t* __restrict scores, const acc_t* __r
 
 // The online-softmax state of one task over the rows it has seen, per query j < R: max_j, the
 // running max of the scores; sum_j = sum_i e^(s_ij - max_j); pooled_j (C) =
-// sum_i e^(s_ij - max_j) row_scale_i x_i, stored transposed (C x padded: the weighted sum is a
-// product with the weights as its panels). One row of the partials, each part padded queries
-// wide; the padding queries hold max = +inf, so that they weigh nothing.
+// sum_i e^(s_ij - max_j) row_scale_i x_i. One row of the partials, each part padded queries
+// long; the padding queries hold max = +inf, so that they weigh nothing.
 template <typename acc_t>
 struct State {
-  acc_t* pooled;  // (C x padded)
+  acc_t* pooled;  // (padded x C)
   acc_t* max;     // (padded)
   acc_t* sum;     // (padded)
 
@@ -439,7 +440,7 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
   run_dynamic(batch * tasks.count, at::get_num_threads(), [&](const auto& next) {
     std::vector<acc_t> scores(kBlock * padded), code_scores(kBlock * padded);
     std::vector<acc_t> codes(kBlock * 2 * pairs), powers(kBlock * kSeriesTerms);
-    std::vector<acc_t> sums(kBlock), top(padded), rows_buf, weight_panels;
+    std::vector<acc_t> sums(kBlock), top(padded), rows_buf;
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t b = task / tasks.count;
       const State<acc_t> s(part + task * row, r, padded, c);
@@ -457,15 +458,15 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
                          rows_buf.begin(), [](scalar_t v) { return static_cast<acc_t>(v); });
           x = rows_buf.data();
         }
-        multiply<acc_t, false>(x, c, 1, count, c, queries[b].data(), padded, scores.data());
+        multiply<acc_t, false>(x, c, count, c, queries[b].data(), padded, scores.data());
         sinusoid_codes(positions + first_row, count, position_scale, divisors, pairs,
                        largest_inverse_divisor, codes.data(), sums.data());
-        multiply<acc_t, false>(codes.data(), 2 * pairs, 1, count, 2 * pairs,
+        multiply<acc_t, false>(codes.data(), 2 * pairs, count, 2 * pairs,
                                code_queries[b].data(), padded, code_scores.data());
         if (pairs < half) {
           series_powers(positions + first_row, count, position_scale, series, powers.data(),
                         sums.data());
-          multiply<acc_t, true>(powers.data(), kSeriesTerms, 1, count, kSeriesTerms,
+          multiply<acc_t, true>(powers.data(), kSeriesTerms, count, kSeriesTerms,
                                 series.queries[b].data(), padded, code_scores.data());
         }
         std::copy(s.max, s.max + padded, top.begin());
@@ -484,7 +485,7 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
                 s.max[j] == -kInf ? acc_t(0) : exp_nonpositive(s.max[j] - top[j]);
             s.sum[j] *= rescale;
             for (int64_t k = 0; k < c; ++k) {
-              s.pooled[k * padded + j] *= rescale;
+              s.pooled[j * c + k] *= rescale;
             }
             s.max[j] = top[j];
           }
@@ -493,9 +494,7 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
           const acc_t scale = row_scale ? row_scale[first_row + i] : acc_t(1);
           weigh_row(scores.data() + i * padded, top.data(), padded, scale, s.sum);
         }
-        // pooled^T (C x padded) += x^T (C x count) weights (count x padded).
-        const acc_t* weights = as_panels(scores.data(), count, padded, weight_panels);
-        multiply<acc_t, true>(x, 1, c, c, count, weights, padded, s.pooled);
+        accumulate_weighted(scores.data(), padded, x, count, c, s.pooled);
       }
     }
   });
@@ -522,7 +521,7 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
         const acc_t weight = std::exp(task_max - top);
         total += weight * task_row[padded * (c + 1) + j];
         for (int64_t k = 0; k < c; ++k) {
-          dst[k] += weight * task_row[k * padded + j];
+          dst[k] += weight * task_row[j * c + k];
         }
       }
       for (int64_t k = 0; k < c; ++k) {

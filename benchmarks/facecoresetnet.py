@@ -1,10 +1,10 @@
 """FaceCoresetNet (fusedset.nn) against the released-style eager module (the reference), fp32,
-no_grad, one template of N frames: the whole module, and the decoder alone (the cross-attention
-with its key encoding: what the folded form replaces). Both whole modules still run the eager
-selection until fusedset.ops.quality_fps replaces it in fusedset's; the "selection" series times
-it alone. The decoder at N = 1e6 runs fusedset's only (full mode). Its peak extra memory at
-N = 1e5 and 1e6 is measured in a fresh process per N (`python -m fusedset.bench.facecoresetnet
-N`): within the suite's process, memory freed by earlier calls is reused and shows as 0."""
+no_grad, one template of N frames given as unit directions and norms: the whole module, and the
+decoder alone (the cross-attention with its key encoding: what fusedset.ops.
+sinusoid_attention_pool replaces). The "selection" series times the selection alone. The decoder
+at N = 1e6 runs fusedset's only (full mode). Its peak extra memory at N = 1e5 and 1e6 is
+measured in a fresh process per N (`python -m fusedset.bench.facecoresetnet N`): within the
+suite's process, memory freed by earlier calls is reused and shows as 0."""
 
 from __future__ import annotations
 
@@ -86,8 +86,10 @@ def _cases(n: int, repeats: int, parts: tuple[str, ...]) -> list[Case]:
             EAGER: _no_grad(eager.select),
         },
     }
-    # the floor: K = 3 selection passes and one attention pass over X; the decoder one pass
-    floors = {"whole module": 4 * x_bytes, "decoder": x_bytes, "selection": 3 * x_bytes}
+    # The floor: reads of X. Whole module: two selection passes (the first pick, the largest
+    # norm, needs none of its own for unit directions) and one attention pass; the decoder one
+    # pass; the selection alone (from the template) K = 3 passes.
+    floors = {"whole module": 3 * x_bytes, "decoder": x_bytes, "selection": 3 * x_bytes}
     return [
         Case(
             op="facecoresetnet",
@@ -164,7 +166,7 @@ def summary(rows: list[Measurement]) -> list[str]:
     lines.append(
         f"roofline: one read of the N = {TARGET_N:,} template is {x_bytes / 1e6:.0f} MB; on an "
         f"H100 (3.35 TB/s) {h100_roofline_s(x_bytes) * 1e3:.3f} ms for the decoder, "
-        f"{h100_roofline_s(4 * x_bytes) * 1e3:.3f} ms for the whole module (K = 3 selection "
+        f"{h100_roofline_s(3 * x_bytes) * 1e3:.3f} ms for the whole module (two selection "
         "passes and one attention pass; estimate, not measured)"
     )
     return lines

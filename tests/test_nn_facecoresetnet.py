@@ -326,6 +326,38 @@ def test_bad_inputs_name_the_argument():
         fast(embeddings, bad_norms)
 
 
+def test_attention_dropout_runs_in_train_mode_only():
+    """Train mode with attention dropout draws it (the chunked torch form); without dropout
+    train mode runs the fused op, as eval does."""
+    _, fast = _pair(64, 4, 3)
+    attention = fast.decoder_layer1.multihead_attn1
+    features = _features(2, 40, 64)
+    norms = torch.linalg.vector_norm(features, dim=-1)
+    core = features[:, :3]
+    with torch.no_grad():
+        evaluated = fast.refine(core, features, norms)
+        fast.train()
+        attention.dropout = 0.5
+        dropped = fast.refine(core, features, norms)
+        attention.dropout = 0.0
+        kept = fast.refine(core, features, norms)
+    assert dropped.isfinite().all()
+    assert not torch.allclose(dropped, evaluated)
+    assert_rel_close(kept, evaluated, 1e-6)
+
+
+@torch.no_grad()
+def test_small_steps_on_one_thread_leave_the_thread_count_alone():
+    _, fast = _pair()
+    embeddings, norms = _split(_features(1, 300, 512))
+    torch.set_num_threads(2)
+    expected = fast(embeddings, norms)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    for got, want in zip(fast(embeddings, norms), expected, strict=True):
+        assert_rel_close(got, want, 1e-6)
+
+
 # -- training -----------------------------------------------------------------------------------
 
 

@@ -1,12 +1,16 @@
 """FaceCoresetNet, the drop-in fast version of the released `TemplateAggregateModel`.
 
-Same parameters, state dict and outputs as `fusedset.reference.FaceCoresetNetReference`; the
-cross-attention of the core template over the whole template runs in the folded form
-(`folded_cross_attention`): O(N C) instead of O(N C^2), in chunks of N with bounded memory. Its
-keys `template + enc(norms)` are never built: the norm encoding (a LayerNorm of a sinusoid) is
-scored directly from the sinusoid's angles (`_norm_encoding_scorer`).
+Same parameters, state dict and outputs as `fusedset.reference.FaceCoresetNetReference`. The
+cross-attention of the core template over the whole template runs with the key and value
+projections folded into the queries (O(N C) instead of O(N C^2)), and its keys
+`template + enc(norms)` are never built: `fusedset.ops.sinusoid_attention_pool` scores the norm
+encoding (a LayerNorm of a sinusoid) from the norms, in one pass over the template and bounded
+memory. With attention dropout (train mode, dropout > 0) the chunked torch form
+(`folded_cross_attention`, the encoding scored by `_norm_encoding_scorer`) draws it instead.
 
-Selection goes through `_select_core`: the fused quality_fps ops.
+Selection goes through `_select_core`: the fused quality_fps ops. Given unit directions and
+norms (the released convention), neither the selection nor the attention builds their product,
+the (N, C) template.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def _select_core(
 
 class FaceCoresetNet(FaceCoresetNetReference):
     """The released FaceCoresetNet, fast at any N. `chunk_size`: keys per step of the online
-    softmax of the cross-attention (bounds its extra memory). See `forward`."""
+    softmax of the cross-attention's torch form, which runs only with attention dropout (bounds
+    its extra memory; the fused op bounds its own). See `forward`."""
 
     def __init__(
         self,

@@ -23,6 +23,23 @@ def test_cuda_kernels_are_built_when_torch_is_a_cuda_build_and_nvcc_is_found():
         assert fusedset.backends()["cuda_kernels"], fusedset.backends()
 
 
+def test_every_op_has_a_cpu_kernel_and_a_cuda_kernel_with_triton():
+    """A CUDA tensor must never fall back to the eager reference because an op's Triton or CUDA
+    kernel was left unregistered (the interpreter tests call the Triton functions directly and
+    would not notice)."""
+    from fusedset import _dispatch
+
+    ops = sorted(
+        s.name.removeprefix("fusedset::")
+        for s in torch._C._jit_get_all_schemas()
+        if s.name.startswith("fusedset::")
+    )
+    assert {"style_pool", "cluster_accumulate", "quality_fps", "quality_fps_select"} <= set(ops)
+    assert [op for op in ops if not _dispatch.has_kernel(op, "cpu")] == []
+    if fusedset.backends()["cuda_kernels"] and _dispatch.triton_importable():
+        assert [op for op in ops if not _dispatch.has_kernel(op, "cuda")] == []
+
+
 def test_import_works_without_a_gpu():
     code = (
         "import fusedset, torch; assert not torch.cuda.is_available(); print(fusedset.__version__)"

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ops/cluster_accumulate.h"
+#include "ops/cpu/vector_math.h"
 
 namespace fusedset {
 namespace {
@@ -28,15 +29,6 @@ constexpr int64_t kMinChunk = 256;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kLanes = 16;
 constexpr double kNormEps = 1e-5;
-
-// The build targets baseline x86-64 (SSE2); the inner loops are compiled again for AVX2+FMA and
-// AVX-512 and the loader picks the best the CPU has (4x faster than SSE2 here).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FUSEDSET_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FUSEDSET_VECTOR_CLONES
-#endif
 
 struct Chunks {
   int64_t count;
@@ -165,31 +157,6 @@ FUSEDSET_VECTOR_CLONES void axpy(acc_t* __restrict y, acc_t a, const acc_t* __re
   for (int64_t i = 0; i < n; ++i) {
     y[i] += a * x[i];
   }
-}
-
-// e^x for x <= 0, written so that a loop of it vectorizes (libm's expf does not): x = n ln2 + r
-// with |r| <= ln2 / 2, e^r by Cephes' degree-7 polynomial (relative error about 2e-7), 2^n
-// put into the exponent bits. Below -87, e^x underflows float anyway and is returned as 0.
-inline float exp_nonpositive(float x) {
-  const bool tiny = x < -87.0f;
-  x = tiny ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0f : p * scale;
-}
-
-inline double exp_nonpositive(double x) {
-  return std::exp(x);
 }
 
 // The softmax over centers of each column of logits a (M x kBlock, columns 0..count), in place.

@@ -110,13 +110,15 @@ def _glibc() -> ctypes.CDLL | None:
 @contextmanager
 def freed_memory_kept() -> Iterator[bool]:
     """Inside, glibc's malloc keeps freed memory for reuse instead of returning it to the OS;
-    yields whether it could (glibc only). With glibc's defaults every allocation above 128 KiB
-    is a fresh mmap that the OS zeroes page by page on first touch, on every call: at N = 65536
+    yields whether it could (glibc only). With glibc's defaults every allocation above its mmap
+    threshold (128 KiB, rising to at most 32 MiB) is a fresh mmap that the OS zeroes page by
+    page on first touch, on every call: at N = 65536
     that was 75 of cluster_accumulate's 115 ms forward+backward (its 168 MB of input gradients),
     and eager pays it as well. Timings then measure page zeroing, not the ops; jemalloc or
     tcmalloc (which PyTorch's CPU tuning guide recommends) and the CUDA caching allocator keep
-    freed memory like this. On exit the defaults return and the kept memory is released, so
-    peak-memory measurements after it see fresh allocations again."""
+    freed memory like this. On exit the default thresholds are set again (fixed from then on,
+    no longer adjusted by glibc) and the kept memory is released, so peak-memory measurements
+    after it see fresh allocations again."""
     libc = _glibc()
     if libc is None:
         yield False

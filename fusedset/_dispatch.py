@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 try:
-    from fusedset import _C  # noqa: F401  (importing it registers the ops with torch.library)
+    from fusedset import _C  # importing it registers the ops with torch.library
 except ImportError as exc:
     _EXTENSION_ERROR: ImportError | None = exc
 else:
@@ -43,6 +43,16 @@ def has_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"fusedset::{op}", key
     )
+
+
+def init_thread_count() -> None:
+    """Settles the calling thread's intra-op thread count in torch and in fusedset's kernels:
+    each takes torch's default count at its first parallel op in a thread (one flag per
+    library), which undoes a ``torch.set_num_threads`` made in that thread before. Call this
+    first, then ``torch.set_num_threads``."""
+    torch.get_num_threads()
+    if extension_loaded():
+        _C.init_thread_count()
 
 
 def triton_importable() -> bool:

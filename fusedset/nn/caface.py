@@ -9,8 +9,9 @@ reference, ``fusedset.reference.CAFaceReference``), three things faster:
   kernel, both value streams share the pass, and neither the keys nor the M x N assignment map is
   ever formed;
 - streaming fuses a probe chunk by chunk into a ``fusedset.ClusterState`` of constant size, and
-  an update holding many chunks runs them through the transformer as one batch (the released
-  memory mode clusters each chunk on its own, so this is exact).
+  an update holding many chunks runs them through the transformer a few per batch (the released
+  memory mode clusters each chunk on its own, so this is exact), the batches side by side on
+  single-threaded CPU workers (``fusedset.nn._workers``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedset.cluster_state import ClusterState, Normalization
+from fusedset.nn._workers import map_single_threaded
 from fusedset.nn.checkpoints import CheckpointSource, caface_state_dict, load_checked
 from fusedset.ops import cluster_accumulate_caface, style_pool
 from fusedset.ops._checks import all_finite
@@ -230,26 +232,31 @@ class CAFaceStream:
         n = features.shape[1]
         size = self.chunk_size or n
         full = (n // size) * size
-        parts = []
         # Equal chunks share batched passes, (B, T*S, ...) -> (B*T, S, ...), a few chunks at a
         # time: larger batches outgrow the caches and run slower, not faster.
         step = _CHUNKS_PER_PASS * size
-        for start in range(0, full, step):
-            stop = min(start + step, full)
+        spans = [(start, min(start + step, full)) for start in range(0, full, step)]
+        if full < n:
+            spans.append((full, n))
+
+        def cluster_pass(span: tuple[int, int]) -> list[tuple[torch.Tensor, ...]]:
+            start, stop = span
             count = (stop - start) // size
+            if count == 0:
+                return [self.model.cluster_sums(features[:, start:], style_stats[:, start:])[:3]]
             sums = self.model.cluster_sums(
                 features[:, start:stop].reshape(-1, size, features.shape[-1]),
                 style_stats[:, start:stop].reshape(-1, size, *style_stats.shape[2:]),
             )[:3]
-            parts += [
+            return [
                 tuple(s.view(self.batch_size, count, *s.shape[1:])[:, t] for s in sums)
                 for t in range(count)
             ]
-        if full < n:
-            parts.append(self.model.cluster_sums(features[:, full:], style_stats[:, full:])[:3])
+
         staged = ClusterState().load_state_dict(self.state.state_dict())
-        for feature_num, token_num, den in parts:
-            staged.update(feature_num, den, token_num)
+        for chunks in map_single_threaded(cluster_pass, spans, features):
+            for feature_num, token_num, den in chunks:
+                staged.update(feature_num, den, token_num)
         self.state = staged
         return self
 

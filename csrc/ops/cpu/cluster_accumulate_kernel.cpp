@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ops/cluster_accumulate.h"
+#include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/vector_math.h"
 
 namespace fusedset {
@@ -378,12 +379,13 @@ struct Block {
   }
 };
 
-// Runs body(task, b, begin, end) for every (probe, chunk) task in parallel.
+// Runs body(task, b, begin, end) for every (probe, chunk) task in parallel, the tasks handed out
+// one at a time (dynamic_tasks.h).
 template <typename Body>
 void for_each_chunk(const ClusterProblem& p, const Chunks& chunks, const Body& body) {
   const int64_t n = p.images();
-  at::parallel_for(0, p.batch() * chunks.count, 1, [&](int64_t first, int64_t last) {
-    for (int64_t task = first; task < last; ++task) {
+  run_dynamic(p.batch() * chunks.count, at::get_num_threads(), [&](const auto& next) {
+    for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t b = task / chunks.count;
       const int64_t begin = std::min(n, (task % chunks.count) * chunks.size);
       body(task, b, begin, std::min(n, begin + chunks.size));

@@ -432,11 +432,15 @@ void forward_impl(const ClusterProblem& p, at::Tensor& num, at::Tensor& den,
       const int64_t count = std::min(kBlock, end - i0);
       block.load(probe, i0, count);
       for (int64_t j = 0; j < m; ++j) {
+        // A local sum: a store to weight may alias t_den, which would put a store and a load
+        // on every step of the sum.
+        acc_t den = t_den[j];
         for (int64_t i = 0; i < count; ++i) {
           const acc_t a = block.a[j * kBlock + i];
           weight[j * kBlock + i] = a * block.r[i];
-          t_den[j] += a;
+          den += a;
         }
+        t_den[j] = den;
       }
       const int64_t next = std::min(kBlock, end - i0 - count);
       const Ahead next_keys{reinterpret_cast<const char*>(probe.keys + (i0 + count) * probe.d),

@@ -88,12 +88,18 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> int | None:
         return None
 
 
+def fresh_process(module: str, *args: object) -> list[float]:
+    """The numbers ``python -m <module> *args`` prints, measured in a new process: in the suite's
+    process, memory freed by earlier calls is reused (a peak would show as 0) and glibc's
+    allocator is no longer in its default state (see ``freed_memory_kept``)."""
+    command = [sys.executable, "-m", module, *map(str, args)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [float(word) for word in out.split()]
+
+
 def fresh_process_peak_mib(module: str, n: int) -> float:
-    """The peak extra memory (MiB) at size ``n`` that ``python -m <module> n`` prints, measured
-    in a new process: in the suite's process, memory freed by earlier calls is reused and would
-    show as 0."""
-    command = [sys.executable, "-m", module, str(n)]
-    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    """The peak extra memory (MiB) at size ``n`` that ``python -m <module> n`` prints."""
+    return fresh_process(module, n)[0]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

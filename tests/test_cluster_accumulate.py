@@ -5,7 +5,7 @@ import fusedset
 from fusedset import reference
 from fusedset.ops import cluster_accumulate, cluster_accumulate_caface
 
-from .helpers import DEVICES, RTOL, assert_rel_close
+from .helpers import DEVICES, RTOL, assert_rel_close, torch_threads
 
 triton_kernels = pytest.importorskip("fusedset.triton_kernels.cluster_accumulate")
 
@@ -75,14 +75,10 @@ def test_cpp_forward_wide(d, c):
 
 def test_cpp_is_bitwise_deterministic_across_thread_counts():
     keys, queries, values = problem(2, 9000, 32, 4, 48)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = cpp(keys, queries, values, 0.3)
-        torch.set_num_threads(max(2, threads))
+    with torch_threads(max(2, torch.get_num_threads())):
         many = cpp(keys, queries, values, 0.3)
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
 

@@ -16,6 +16,7 @@ from fusedset.eval.evaluate import evaluate, format_table, pair_scores
 from fusedset.eval.fusion import Method, Template
 
 from .checkpoints import random_modules, write_checkpoint
+from .helpers import torch_threads
 
 BASELINES = ["mean", "media-mean", "norm-mean", "core-mean"]
 TINY = SynthConfig(enrolled=12, unenrolled=4, frames_median=10.0, frames_range=(4, 40))
@@ -25,10 +26,8 @@ TINY = SynthConfig(enrolled=12, unenrolled=4, frames_median=10.0, frames_range=(
 def one_thread():
     """Per-template ops are tiny: on a shared 2-core machine, intra-op threads only add waits.
     Restored afterwards, since the setting is process-wide (and ``fusedset eval`` changes it)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 def brute_force_tar(labels, scores, far):

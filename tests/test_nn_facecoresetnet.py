@@ -15,7 +15,7 @@ from torch import nn
 from fusedset.nn import CheckpointKeyError, FaceCoresetNet, folded_cross_attention
 from fusedset.reference import FaceCoresetNetReference
 
-from .helpers import assert_rel_close
+from .helpers import assert_rel_close, torch_threads
 
 RTOL = 1e-4  # the drop-in bar of issue 5, fp32
 
@@ -24,10 +24,8 @@ RTOL = 1e-4  # the drop-in bar of issue 5, fp32
 def _one_thread():
     """These tensors are small: a second OpenMP thread only adds synchronization, which costs
     tens of times the work itself when the cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @functools.cache
@@ -350,10 +348,9 @@ def test_attention_dropout_runs_in_train_mode_only():
 def test_small_steps_on_one_thread_leave_the_thread_count_alone():
     _, fast = _pair()
     embeddings, norms = _split(_features(1, 300, 512))
-    torch.set_num_threads(2)
-    expected = fast(embeddings, norms)
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(1)
+    with torch_threads(2):
+        expected = fast(embeddings, norms)
+        assert torch.get_num_threads() == 2
     for got, want in zip(fast(embeddings, norms), expected, strict=True):
         assert_rel_close(got, want, 1e-6)
 

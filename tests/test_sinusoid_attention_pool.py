@@ -15,7 +15,7 @@ from fusedset.reference.sinusoid_attention_pool import (
 )
 from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
 
-from .helpers import DEVICES, RTOL, assert_rel_close
+from .helpers import DEVICES, RTOL, assert_rel_close, torch_threads
 
 triton_kernels = pytest.importorskip("fusedset.triton_kernels.sinusoid_attention_pool")
 
@@ -160,14 +160,10 @@ def test_cpp_100k_rows_face_width():
 
 def test_cpp_is_bitwise_deterministic_across_thread_counts():
     args = problem(2, 9000, 32, 12, 16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = run_cpp(*args)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = run_cpp(*args)
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
 

@@ -6,18 +6,18 @@ import json
 import shlex
 
 import pytest
-import torch
 
 from fusedset.cli import main
 from fusedset.eval.fusion import method_names
+
+from .helpers import torch_threads
 
 
 @pytest.fixture
 def restore_threads():
     """The train and eval steps set the process-wide thread count."""
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads():
+        yield
 
 
 def test_tiny_run_generates_trains_evaluates_every_method(tmp_path, capsys, restore_threads):

@@ -19,6 +19,8 @@ from fusedset.eval.learned import CAFaceFuser, CoresetFuser, load_module
 from fusedset.nn import CAFace, FaceCoresetNet
 from fusedset.training import TrainConfig, build_model, train, training_set
 
+from .helpers import torch_threads
+
 SMALL = SynthConfig(enrolled=24, unenrolled=8, frames_median=12.0, frames_range=(4, 48))
 # Good frames closer to their identity and less noise shared by a whole template: how a
 # module weighs the frames shows in the loss instead of drowning in the noise of the centers,
@@ -28,10 +30,8 @@ CLEAR = replace(SMALL, identity_cos=(0.0, 0.9), noise_shares=(0.1, 0.6, 0.3))
 
 @pytest.fixture
 def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from fusedset._dispatch import extension_loaded, init_thread_count
 from fusedset.nn._workers import map_single_threaded
 from fusedset.ops import cluster_accumulate
 
+from .helpers import torch_threads
+
 
 @pytest.fixture
 def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(2):
+        yield
 
 
 _WEIGHT = torch.ones(1, requires_grad=True)

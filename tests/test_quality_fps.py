@@ -573,6 +573,31 @@ def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
 
 
 @pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype, on_chip):
+    """Zero and negative scales included; a scale past a template's length is never read, a
+    non-finite one in a valid row is named."""
+    b, n, c, k = shape
+    generator = torch.Generator().manual_seed(n + c)
+    directions = torch.nn.functional.normalize(torch.randn(b, n, c, generator=generator), dim=-1)
+    scale = torch.empty(b, n).uniform_(0.5, 40, generator=generator)
+    if n > 3:
+        scale[:, 1] = 0
+        scale[:, 2] = -scale[:, 2]
+    directions = directions.to(dtype)
+    lengths = torch.tensor([n] + [max(1, n - 3)] * (b - 1))
+    scale[1:, n - 1] = float("nan") if n > 4 else scale[1:, n - 1]
+    for gamma in (0.0, 0.7):
+        gamma = torch.tensor(gamma, dtype=torch.float64)
+        got, _, _ = triton_select(directions, gamma, k, lengths, on_chip=on_chip, row_scale=scale)
+        assert torch.equal(got, kernel(directions, k, gamma, lengths, scale))
+    scale[0, n // 2] = float("inf")
+    with pytest.raises(ValueError, match=rf"quality_fps: x\[0, {n // 2}\] is not finite"):
+        triton_select(directions, gamma, k, lengths, on_chip=on_chip, row_scale=scale)
+
+
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
 def test_triton_matches_released_facecoresetnet(triton_select, fixtures_dir, on_chip):
     data = torch.load(fixtures_dir / "facecoresetnet_official.pt", weights_only=True)
     for case in data["cases"]:

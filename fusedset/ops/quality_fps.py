@@ -342,10 +342,7 @@ if _dispatch.extension_loaded():
         def _cuda(x, gamma, k, lengths=None, row_scale=None):
             from fusedset.triton_kernels import quality_fps as kernels
 
-            # The Triton kernels read the rows as they are: scaled rows are built here, one
-            # extra pass and an (N, C) buffer that the C++ kernel avoids.
-            rows = x if row_scale is None else x * row_scale.unsqueeze(-1).to(x.dtype)
-            return kernels.select(rows, gamma, k, lengths)[0]
+            return kernels.select(x, gamma, k, lengths, row_scale=row_scale)[0]
 
         @torch.library.register_kernel("fusedset::quality_fps_select", "cuda")
         def _cuda_select(x, gamma, noise, scale, tau, k, lengths=None):

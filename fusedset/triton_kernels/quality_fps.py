@@ -18,7 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedset.triton_kernels.registry import CompileVariant, compile_checked
+from fusedset.triton_kernels.registry import (
+    CompileVariant,
+    compile_checked,
+    compile_checked_helper,
+)
 
 SMALL_N = 256
 SWEEP_BLOCK_N = 64
@@ -37,17 +41,24 @@ _INPUTS = [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64"
 _ACC = {"fp32": tl.float32, "fp64": tl.float64}
 
 
-def _modes(acc: str) -> tuple[bool, ...]:
-    return (True,) if acc == "fp64" else (False, True)
+def _modes(acc: str) -> tuple[tuple[bool, bool], ...]:
+    """(record, row-scaled) pairs: the recording mode (quality_fps_select, noise and logits)
+    takes no row scale; the plain one (quality_fps) takes one or not."""
+    return ((True, False),) if acc == "fp64" else ((False, False), (False, True), (True, False))
+
+
+def _mode_tag(record: bool, scaled: bool) -> str:
+    return "record" if record else "scaled" if scaled else "plain"
 
 
 def _small_variants() -> list[CompileVariant]:
     variants = []
     for label, acc in _INPUTS:
         for block_n in (16, SMALL_N):
-            for mode in _modes(acc):
+            for mode, scaled in _modes(acc):
                 signature = {
                     "x_ptr": f"*{label}",
+                    "row_scale_ptr": f"*{acc}",
                     "gamma_ptr": "*fp64",
                     "lengths_ptr": "*i64",
                     "noise_ptr": f"*{acc}",
@@ -63,11 +74,12 @@ def _small_variants() -> list[CompileVariant]:
                 constexprs = {
                     "HAS_NOISE": mode,
                     "RECORD": mode,
+                    "HAS_ROW_SCALE": scaled,
                     "ACC": _ACC[acc],
                     "BLOCK_N": block_n,
                     "BLOCK_C": _small_block_c(block_n),
                 }
-                tag = f"{label},N{block_n},{'record' if mode else 'plain'}"
+                tag = f"{label},N{block_n},{_mode_tag(mode, scaled)}"
                 options = {"num_warps": _small_warps(block_n), "num_stages": 1}
                 variants.append(CompileVariant(tag, signature, constexprs, options))
     return variants
@@ -82,10 +94,23 @@ def _small_block_c(block_n: int) -> int:
     return max(16, min(32, 2048 // block_n))
 
 
+@compile_checked_helper
+@triton.jit
+def _row_scale(ptr, rows, mask, HAS_ROW_SCALE: tl.constexpr, ACC: tl.constexpr):
+    """The rows' scales (1 without a row scale). The selection of the rows s_i x_i needs only
+    these: ||s_i x_i|| = |s_i| ||x_i|| and (s_i x_i) . (s_p x_p) = s_i s_p (x_i . x_p), so the
+    scaled rows are never built."""
+    if HAS_ROW_SCALE:
+        return tl.load(ptr + rows, mask=mask, other=0.0).to(ACC)
+    else:
+        return tl.full(rows.shape, 1.0, ACC)
+
+
 @compile_checked(*_small_variants())
 @triton.jit
 def _qfps_on_chip_kernel(
     x_ptr,
+    row_scale_ptr,
     gamma_ptr,
     lengths_ptr,
     noise_ptr,
@@ -99,6 +124,7 @@ def _qfps_on_chip_kernel(
     scale,
     HAS_NOISE: tl.constexpr,
     RECORD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -109,6 +135,7 @@ def _qfps_on_chip_kernel(
     valid = rows < tl.load(lengths_ptr + b)
     base = x_ptr + b * N * C
     gamma = tl.load(gamma_ptr).to(ACC)
+    row_scale = _row_scale(row_scale_ptr + b * N, rows, valid, HAS_ROW_SCALE, ACC)
 
     sum_sq = tl.zeros([BLOCK_N], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
@@ -116,7 +143,7 @@ def _qfps_on_chip_kernel(
         v = tl.load(base + rows[:, None] * C + (c0 + cols)[None, :], mask=mask, other=0.0)
         v = v.to(ACC)
         sum_sq += tl.sum(v * v, axis=1)
-    q = tl.sqrt(sum_sq)
+    q = tl.sqrt(sum_sq) * tl.abs(row_scale)
     tl.store(bad_ptr + b, tl.min(tl.where(valid & ((q - q) != 0), rows, N), axis=0).to(tl.int64))
     nonzero = q > 0
     q_safe = tl.where(nonzero, q, 1.0)
@@ -127,7 +154,7 @@ def _qfps_on_chip_kernel(
     pick = -1
     for t in range(0, steps):
         if t > 0:
-            inv_qs = tl.sum(tl.where(rows == pick, inv_q, 0.0), axis=0)
+            inv_qs = tl.sum(tl.where(rows == pick, inv_q * row_scale, 0.0), axis=0)
             dot = tl.zeros([BLOCK_N], dtype=ACC)
             live = d >= 0
             for c0 in range(0, C, BLOCK_C):
@@ -136,6 +163,7 @@ def _qfps_on_chip_kernel(
                 mask = live[:, None] & in_c[None, :]
                 v = tl.load(base + rows[:, None] * C + (c0 + cols)[None, :], mask=mask, other=0.0)
                 dot += tl.sum(v.to(ACC) * (u.to(ACC) * inv_qs)[None, :], axis=1)
+            dot *= row_scale
             dist = half_qg * tl.maximum(1.0 - inv_q * dot, 0.0)
             update = live & ((t == 1) | (dist < d))
             d = tl.where(update, dist, d)
@@ -161,9 +189,10 @@ def _sweep_variants() -> list[CompileVariant]:
     variants = []
     for label, acc in _INPUTS:
         for first in (True, False):
-            for mode in _modes(acc):
+            for mode, scaled in _modes(acc):
                 signature = {
                     "x_ptr": f"*{label}",
+                    "row_scale_ptr": f"*{acc}",
                     "gamma_ptr": "*fp64",
                     "lengths_ptr": "*i64",
                     "noise_ptr": f"*{acc}",
@@ -187,11 +216,12 @@ def _sweep_variants() -> list[CompileVariant]:
                     "FIRST": first,
                     "HAS_NOISE": mode,
                     "RECORD": mode,
+                    "HAS_ROW_SCALE": scaled,
                     "ACC": _ACC[acc],
                     "BLOCK_N": SWEEP_BLOCK_N,
                     "BLOCK_C": SWEEP_BLOCK_C,
                 }
-                tag = f"{label},{'norms' if first else 'step'},{'record' if mode else 'plain'}"
+                tag = f"{label},{'norms' if first else 'step'},{_mode_tag(mode, scaled)}"
                 variants.append(CompileVariant(tag, signature, constexprs, SWEEP_OPTIONS))
     return variants
 
@@ -200,6 +230,7 @@ def _sweep_variants() -> list[CompileVariant]:
 @triton.jit
 def _qfps_sweep_kernel(
     x_ptr,
+    row_scale_ptr,
     gamma_ptr,
     lengths_ptr,
     noise_ptr,
@@ -221,6 +252,7 @@ def _qfps_sweep_kernel(
     FIRST: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     RECORD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -234,6 +266,7 @@ def _qfps_sweep_kernel(
     # Row offsets in int64: N * C passes 2^31 for large templates.
     row_offsets = rows.to(tl.int64)[:, None] * C
     state = b * N + rows
+    row_scale = _row_scale(row_scale_ptr + b * N, rows, in_n, HAS_ROW_SCALE, ACC)
     if FIRST:
         valid = rows < tl.load(lengths_ptr + b)
         sum_sq = tl.zeros([BLOCK_N], dtype=ACC)
@@ -242,7 +275,7 @@ def _qfps_sweep_kernel(
             v = tl.load(base + row_offsets + (c0 + cols)[None, :], mask=mask, other=0.0)
             v = v.to(ACC)
             sum_sq += tl.sum(v * v, axis=1)
-        q = tl.sqrt(sum_sq)
+        q = tl.sqrt(sum_sq) * tl.abs(row_scale)
         bad = tl.min(tl.where(valid & ((q - q) != 0), rows, N), axis=0).to(tl.int64)
         tl.store(bad_ptr + b * tl.num_programs(1) + block, bad)
         nonzero = q > 0
@@ -258,6 +291,8 @@ def _qfps_sweep_kernel(
         src = tl.load(src_ptr + state, mask=in_n, other=-1)
         pick = tl.load(idx_ptr + b * steps + t - 1)
         inv_qs = tl.load(inv_q_ptr + b * N + tl.maximum(pick, 0))
+        if HAS_ROW_SCALE:
+            inv_qs *= tl.load(row_scale_ptr + b * N + tl.maximum(pick, 0)).to(ACC)
         live = d >= 0
         dot = tl.zeros([BLOCK_N], dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
@@ -266,6 +301,7 @@ def _qfps_sweep_kernel(
             mask = live[:, None] & in_c[None, :]
             v = tl.load(base + row_offsets + (c0 + cols)[None, :], mask=mask, other=0.0)
             dot += tl.sum(v.to(ACC) * (u.to(ACC) * inv_qs)[None, :], axis=1)
+        dot *= row_scale
         half_qg = tl.load(half_qg_ptr + state, mask=in_n, other=0.0)
         inv_q = tl.load(inv_q_ptr + state, mask=in_n, other=0.0)
         dist = half_qg * tl.maximum(1.0 - inv_q * dot, 0.0)
@@ -345,9 +381,11 @@ def select(
     scale: float = 1.0,
     record: bool = False,
     on_chip: bool | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(indices, logits, source) as the C++ op computes them; logits and source only when
-    ``record``. ``on_chip`` forces a path (default: on chip when N <= SMALL_N)."""
+    ``record``; the selection of the rows ``row_scale[..., None] * x`` when given (plain mode
+    only). ``on_chip`` forces a path (default: on chip when N <= SMALL_N)."""
     batch, n, channels = x.shape
     steps = min(k, n)
     device = x.device
@@ -367,18 +405,26 @@ def select(
         return indices, logits, source
     if noise is not None:
         noise = noise.to(acc_dtype).contiguous()
-    # Pointers the kernel never reads when HAS_NOISE / RECORD is off.
+    if row_scale is not None:
+        row_scale = row_scale.to(acc_dtype).contiguous()
+    # Pointers the kernel never reads when HAS_NOISE / RECORD / HAS_ROW_SCALE is off.
     noise_arg = noise if noise is not None else indices
     logits_arg = logits if record else indices
     source_arg = source if record else indices
-    flags = {"HAS_NOISE": noise is not None, "RECORD": record, "ACC": acc}
+    row_scale_arg = row_scale if row_scale is not None else indices
+    flags = {
+        "HAS_NOISE": noise is not None,
+        "RECORD": record,
+        "HAS_ROW_SCALE": row_scale is not None,
+        "ACC": acc,
+    }
     if on_chip is None:
         on_chip = n <= SMALL_N
     if on_chip:
         block_n = max(16, triton.next_power_of_2(n))
         bad = torch.empty(batch, dtype=torch.int64, device=device)
         _qfps_on_chip_kernel[(batch,)](
-            x, gamma, lengths, noise_arg, indices, logits_arg, source_arg, bad,
+            x, row_scale_arg, gamma, lengths, noise_arg, indices, logits_arg, source_arg, bad,
             n, channels, steps, scale, **flags, BLOCK_N=block_n, BLOCK_C=_small_block_c(block_n),
             num_warps=_small_warps(block_n), num_stages=1,
         )  # fmt: skip
@@ -392,7 +438,7 @@ def select(
         part_idx = torch.empty(batch, blocks, dtype=torch.int32, device=device)
         for t in range(steps):
             _qfps_sweep_kernel[(batch, blocks)](
-                x, gamma, lengths, noise_arg, indices, logits_arg, source_arg, bad,
+                x, row_scale_arg, gamma, lengths, noise_arg, indices, logits_arg, source_arg, bad,
                 d, half_qg, inv_q, src, part_score, part_idx,
                 n, channels, steps, t, scale, FIRST=t == 0, **flags,
                 BLOCK_N=SWEEP_BLOCK_N, BLOCK_C=SWEEP_BLOCK_C, **SWEEP_OPTIONS,

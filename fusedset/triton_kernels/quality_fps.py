@@ -51,35 +51,42 @@ def _mode_tag(record: bool, scaled: bool) -> str:
     return "record" if record else "scaled" if scaled else "plain"
 
 
+def _selection_arguments(label: str, acc: str) -> dict[str, str]:
+    """The leading arguments of both selection kernels, in order: x of type `label`."""
+    return {
+        "x_ptr": f"*{label}",
+        "row_scale_ptr": f"*{acc}",
+        "gamma_ptr": "*fp64",
+        "lengths_ptr": "*i64",
+        "noise_ptr": f"*{acc}",
+        "idx_ptr": "*i64",
+        "logits_ptr": f"*{acc}",
+        "source_ptr": "*i32",
+        "bad_ptr": "*i64",
+    }
+
+
 def _small_variants() -> list[CompileVariant]:
     variants = []
     for label, acc in _INPUTS:
         for block_n in (16, SMALL_N):
-            for mode, scaled in _modes(acc):
+            for record, scaled in _modes(acc):
                 signature = {
-                    "x_ptr": f"*{label}",
-                    "row_scale_ptr": f"*{acc}",
-                    "gamma_ptr": "*fp64",
-                    "lengths_ptr": "*i64",
-                    "noise_ptr": f"*{acc}",
-                    "idx_ptr": "*i64",
-                    "logits_ptr": f"*{acc}",
-                    "source_ptr": "*i32",
-                    "bad_ptr": "*i64",
+                    **_selection_arguments(label, acc),
                     "N": "i32",
                     "C": "i32",
                     "steps": "i32",
                     "scale": "fp32",
                 }
                 constexprs = {
-                    "HAS_NOISE": mode,
-                    "RECORD": mode,
+                    "HAS_NOISE": record,
+                    "RECORD": record,
                     "HAS_ROW_SCALE": scaled,
                     "ACC": _ACC[acc],
                     "BLOCK_N": block_n,
                     "BLOCK_C": _small_block_c(block_n),
                 }
-                tag = f"{label},N{block_n},{_mode_tag(mode, scaled)}"
+                tag = f"{label},N{block_n},{_mode_tag(record, scaled)}"
                 options = {"num_warps": _small_warps(block_n), "num_stages": 1}
                 variants.append(CompileVariant(tag, signature, constexprs, options))
     return variants
@@ -189,17 +196,9 @@ def _sweep_variants() -> list[CompileVariant]:
     variants = []
     for label, acc in _INPUTS:
         for first in (True, False):
-            for mode, scaled in _modes(acc):
+            for record, scaled in _modes(acc):
                 signature = {
-                    "x_ptr": f"*{label}",
-                    "row_scale_ptr": f"*{acc}",
-                    "gamma_ptr": "*fp64",
-                    "lengths_ptr": "*i64",
-                    "noise_ptr": f"*{acc}",
-                    "idx_ptr": "*i64",
-                    "logits_ptr": f"*{acc}",
-                    "source_ptr": "*i32",
-                    "bad_ptr": "*i64",
+                    **_selection_arguments(label, acc),
                     "d_ptr": f"*{acc}",
                     "half_qg_ptr": f"*{acc}",
                     "inv_q_ptr": f"*{acc}",
@@ -214,14 +213,14 @@ def _sweep_variants() -> list[CompileVariant]:
                 }
                 constexprs = {
                     "FIRST": first,
-                    "HAS_NOISE": mode,
-                    "RECORD": mode,
+                    "HAS_NOISE": record,
+                    "RECORD": record,
                     "HAS_ROW_SCALE": scaled,
                     "ACC": _ACC[acc],
                     "BLOCK_N": SWEEP_BLOCK_N,
                     "BLOCK_C": SWEEP_BLOCK_C,
                 }
-                tag = f"{label},{'norms' if first else 'step'},{_mode_tag(mode, scaled)}"
+                tag = f"{label},{'norms' if first else 'step'},{_mode_tag(record, scaled)}"
                 variants.append(CompileVariant(tag, signature, constexprs, SWEEP_OPTIONS))
     return variants
 

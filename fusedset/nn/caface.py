@@ -241,9 +241,9 @@ class CAFaceStream:
 
         def cluster_pass(span: tuple[int, int]) -> list[tuple[torch.Tensor, ...]]:
             start, stop = span
-            count = (stop - start) // size
-            if count == 0:
+            if stop - start < size:  # the shorter last chunk
                 return [self.model.cluster_sums(features[:, start:], style_stats[:, start:])[:3]]
+            count = (stop - start) // size
             sums = self.model.cluster_sums(
                 features[:, start:stop].reshape(-1, size, features.shape[-1]),
                 style_stats[:, start:stop].reshape(-1, size, *style_stats.shape[2:]),

@@ -137,6 +137,18 @@ def test_lengths_match_separate_templates():
     assert torch.equal(reference.quality_fps(x_padded, 6, 0.5, lengths), out)
 
 
+def directions_and_scales(b, n, c, seed):
+    """Unit directions (B, N, C) and row scales (B, N) in the range of face-feature norms, with a
+    zero scale (a zero row) and a negative one (a flipped direction) when N > 3."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(b, n, c, generator=generator), dim=-1)
+    scale = torch.empty(b, n).uniform_(0.5, 40, generator=generator)
+    if n > 3:
+        scale[:, 1] = 0
+        scale[:, 2] = -scale[:, 2]
+    return directions, scale
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -144,12 +156,7 @@ def test_row_scale_selects_as_the_scaled_rows(shape, dtype):
     """Unit directions and norms select as their product, which is never built; zero and
     negative scales included (a zero row, a flipped direction)."""
     b, n, c, k = shape
-    generator = torch.Generator().manual_seed(n)
-    directions = torch.nn.functional.normalize(torch.randn(b, n, c, generator=generator), dim=-1)
-    scale = torch.empty(b, n).uniform_(0.5, 40, generator=generator)
-    if n > 3:
-        scale[:, 1] = 0
-        scale[:, 2] = -scale[:, 2]
+    directions, scale = directions_and_scales(b, n, c, seed=n)
     directions = directions.to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     product = directions.to(acc) * scale[..., None].to(acc)
@@ -582,12 +589,7 @@ def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype
     """Zero and negative scales included; a scale past a template's length is never read, a
     non-finite one in a valid row is named."""
     b, n, c, k = shape
-    generator = torch.Generator().manual_seed(n + c)
-    directions = torch.nn.functional.normalize(torch.randn(b, n, c, generator=generator), dim=-1)
-    scale = torch.empty(b, n).uniform_(0.5, 40, generator=generator)
-    if n > 3:
-        scale[:, 1] = 0
-        scale[:, 2] = -scale[:, 2]
+    directions, scale = directions_and_scales(b, n, c, seed=n + c)
     directions = directions.to(dtype)
     lengths = torch.tensor([n] + [max(1, n - 3)] * (b - 1))
     scale[1:, n - 1] = float("nan") if n > 4 else scale[1:, n - 1]

@@ -586,8 +586,8 @@ def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype, on_chip):
-    """Zero and negative scales included; a scale past a template's length is never read, a
-    non-finite one in a valid row is named."""
+    """Zero and negative scales included; a NaN scale past a template's length changes nothing,
+    a non-finite one in a valid row is named."""
     b, n, c, k = shape
     directions, scale = directions_and_scales(b, n, c, seed=n + c)
     directions = directions.to(dtype)

@@ -265,9 +265,9 @@ def _qfps_sweep_kernel(
     # Row offsets in int64: N * C passes 2^31 for large templates.
     row_offsets = rows.to(tl.int64)[:, None] * C
     state = b * N + rows
-    row_scale = _row_scale(row_scale_ptr + b * N, rows, in_n, HAS_ROW_SCALE, ACC)
+    valid = rows < tl.load(lengths_ptr + b)
+    row_scale = _row_scale(row_scale_ptr + b * N, rows, valid, HAS_ROW_SCALE, ACC)
     if FIRST:
-        valid = rows < tl.load(lengths_ptr + b)
         sum_sq = tl.zeros([BLOCK_N], dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
             mask = valid[:, None] & ((c0 + cols) < C)[None, :]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
+
+import fusedset
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -52,3 +54,21 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
     err = max_rel_error(actual, expected)
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+def assert_compiled_matches_reference(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_rtol: float,
+) -> None:
+    """fn (a scalar of fusedset ops) under torch.compile(fullgraph, aot_eager) against fn on the
+    eager references: the value to 1e-5 and its gradients in every input to grad_rtol."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    value = compiled(*inputs)
+    got = torch.autograd.grad(value, inputs)
+    with fusedset.force_reference():
+        expected_value = fn(*inputs)
+        expected = torch.autograd.grad(expected_value, inputs)
+    assert_rel_close(value.detach(), expected_value.detach(), 1e-5)
+    for g, e in zip(got, expected, strict=True):
+        assert_rel_close(g, e, grad_rtol)

@@ -8,7 +8,7 @@ from fusedset.ops.quality_fps import backward_dots_eager, backward_spread_eager,
 from fusedset.reference.facecoresetnet import select_core_template
 from fusedset.reference.quality_fps import selection_weights
 
-from .helpers import DEVICES, assert_rel_close
+from .helpers import DEVICES, assert_compiled_matches_reference, assert_rel_close
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (B, N, C, k): N = 1, N < k, k = N, a tail over the CPU kernel's 1024-row chunks.
@@ -445,17 +445,9 @@ def test_torch_compile_fullgraph(device):
     def energy(x, gamma):
         return quality_fps_select(torch.relu(x), 3, gamma, noise=noise).square().sum()
 
-    compiled = torch.compile(energy, fullgraph=True, backend="aot_eager")
     x = features((2, 12, 8), device=device).requires_grad_()
     gamma = torch.tensor(0.5, device=device, requires_grad=True)
-    value = compiled(x, gamma)
-    dx, dgamma = torch.autograd.grad(value, (x, gamma))
-    with fusedset.force_reference():
-        expected = energy(x, gamma)
-    ex, egamma = torch.autograd.grad(expected, (x, gamma))
-    assert_rel_close(value.detach(), expected.detach(), 1e-5)
-    assert_rel_close(dx, ex, 1e-5)
-    assert_rel_close(dgamma, egamma, 1e-5)
+    assert_compiled_matches_reference(energy, (x, gamma), grad_rtol=1e-5)
     indices = torch.compile(lambda x: quality_fps(x, 3, 0.5), fullgraph=True)(x.detach())
     assert torch.equal(indices, reference.quality_fps(x.detach(), 3, 0.5))
 

@@ -15,7 +15,13 @@ from fusedset.reference.sinusoid_attention_pool import (
 )
 from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
 
-from .helpers import DEVICES, RTOL, assert_rel_close, torch_threads
+from .helpers import (
+    DEVICES,
+    RTOL,
+    assert_compiled_matches_reference,
+    assert_rel_close,
+    torch_threads,
+)
 
 triton_kernels = pytest.importorskip("fusedset.triton_kernels.sinusoid_attention_pool")
 
@@ -269,15 +275,7 @@ def test_torch_compile_fullgraph(device):
         return pooled.square().sum() + lse.sum()
 
     inputs = [t.to(device).requires_grad_() for t in problem(2, 30, 8, 4, 6)[:4]]
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    value = compiled(*inputs)
-    got = torch.autograd.grad(value, inputs)
-    with fusedset.force_reference():
-        expected_value = fused(*inputs)
-        expected = torch.autograd.grad(expected_value, inputs)
-    assert_rel_close(value.detach(), expected_value.detach(), 1e-5)
-    for g, e in zip(got, expected, strict=True):
-        assert_rel_close(g, e, 1e-4)
+    assert_compiled_matches_reference(fused, inputs, grad_rtol=1e-4)
 
 
 def test_public_op_runs_the_kernel_and_the_switch_runs_the_reference(monkeypatch):

@@ -1,6 +1,7 @@
 """quality_fps against the released-style eager selection loop of FaceCoresetNet (normalize,
 batched mat-vec, pow, min, gumbel-softmax, one-hot mat-mul gather), C = 512, k = 3, and against
-the floor: k plain reads of x."""
+k plain reads of x: the floor of the select form, which returns every step's distances. The
+indices form reads x k - 1 times on the CPU: its last step reads only the rows that can win."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def fused_select(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def k_reads(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The floor: k passes that only read x."""
+    """k passes that only read x."""
     return torch.stack([x.sum() for _ in range(K)])
 
 

@@ -213,6 +213,44 @@ def test_ties_go_to_the_lowest_index_and_rows_are_picked_once():
     assert torch.equal(out, reference.quality_fps(x, 6, 1.0))
 
 
+def _large_template(layout, generator):
+    """Two templates of 6000 rows (enough candidates for the CPU kernel's last step to update
+    only the rows of largest d): directions by `layout`, norms over [5, 40]."""
+    b, n, c = 2, 6000, 32
+    norms = torch.empty(b, n, 1).uniform_(5, 40, generator=generator)
+    if layout == "spread":
+        u = torch.randn(b, n, c, generator=generator)
+    elif layout == "clustered":
+        centers = torch.randn(b, 12, c, generator=generator)
+        member = torch.randint(0, 12, (b, n, 1), generator=generator)
+        u = centers.gather(1, member.expand(-1, -1, c))
+        u = u + 0.3 * torch.randn(b, n, c, generator=generator)
+    elif layout == "duplicates":  # 40 rows, 150 copies each, with the same norm: ties
+        member = torch.randint(0, 40, (b, n, 1), generator=generator)
+        u = torch.randn(b, 40, c, generator=generator).gather(1, member.expand(-1, -1, c))
+        norms = torch.linspace(5, 40, 40)[member]
+    else:  # "opposite": every row far from one of the first two picks, near the other
+        side = torch.randint(0, 2, (b, n, 1), generator=generator) * 2 - 1
+        u = side * torch.ones(c) + 0.05 * torch.randn(b, n, c, generator=generator)
+    return torch.nn.functional.normalize(u, dim=-1), norms
+
+
+@pytest.mark.parametrize("layout", ["spread", "clustered", "duplicates", "opposite"])
+def test_last_step_picks_as_the_reference_on_large_templates(layout):
+    """The CPU kernel's last eval step updates only the rows of largest d when that settles the
+    argmax, and sweeps otherwise ("opposite": half the rows qualify): the picks of the
+    reference, ties to the lowest index, with and without row_scale and lengths."""
+    directions, norms = _large_template(layout, torch.Generator().manual_seed(len(layout)))
+    lengths = torch.tensor([6000, 4999])
+    for k in (3, 5):
+        for gamma in (0.01, 1.0):
+            want = reference.quality_fps(directions * norms, k, gamma)
+            assert torch.equal(kernel(directions * norms, k, gamma), want)
+            assert torch.equal(kernel(directions, k, gamma, None, norms[..., 0]), want)
+            want = reference.quality_fps(directions * norms, k, gamma, lengths)
+            assert torch.equal(kernel(directions, k, gamma, lengths, norms[..., 0]), want)
+
+
 def test_gamma_zero_is_plain_cosine_fps():
     x = features((2, 60, 32))
     out = kernel(x, 5, 0.0)

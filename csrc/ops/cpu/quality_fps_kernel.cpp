@@ -1,5 +1,6 @@
 // quality_fps CPU kernel: one sweep over X per selection step (the first computes the norms,
-// each later one the distances to the previous pick), so k steps cost k reads of X, the floor.
+// each later one the distances to the previous pick), so k steps cost at most k reads of X.
+// The eval selection's last step usually reads only a few hundred rows (select_from_largest).
 // Per row the state is four numbers (d, q^gamma / 2, 1 / q, source), N of each per template,
 // small next to X (C = 512 values per row).
 //
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -26,6 +28,11 @@ namespace {
 // Rows per task: large enough that a task's sweep is contiguous memory (2 MB at C = 512, fp32),
 // small enough that uneven templates still spread over the threads.
 constexpr int64_t kChunkRows = 1024;
+// The last step of an eval selection first tries the kLargestRows rows of largest d, then 8
+// times as many, and sweeps X once they would be more than 1 / kLargestShare of the template's
+// candidates: past that, gathering rows one by one costs about what the sweep does.
+constexpr int64_t kLargestRows = 1024;
+constexpr int64_t kLargestShare = 4;
 // Bytes of X a thread must have to sweep before a second thread is worth waking: on a busy
 // machine the wake-up waits for a scheduler slice (milliseconds, measured), longer than a 20 MB
 // sweep takes on one core.
@@ -132,14 +139,75 @@ void run(QualityFpsProblem& p) {
   const int64_t grain =
       task_grain(std::min(n, kChunkRows), channels * static_cast<int64_t>(sizeof(scalar_t)));
 
+  // The distance of row r (of template b) to the pick of step t - 1, for t >= 1: one
+  // expression for the sweep and select_from_largest, so that both reach the same bits.
+  const auto distance = [&](int64_t b, int64_t r, int64_t t) {
+    const acc_t dot = t == 1 && guessed_right[b]
+                          ? guess_dot[r]
+                          : (row_scale ? row_scale[r] : acc_t(1)) *
+                                row_dot<scalar_t, acc_t>(x + r * channels,
+                                                         unit.data() + b * channels, channels);
+    return half_qg[r] * std::max<acc_t>(0, 1 - inv_q[r] * dot);
+  };
+  // The last step of the eval selection (no noise, no logits) needs the argmax of the updated
+  // d only, not d itself. An update can only lower d, so a row whose current d is below the
+  // best updated value cannot win: update the rows of largest d from their gathered rows, and
+  // when the best of them beats every d left out, that is the pick and X is not swept. About
+  // 500 of 1e5 rows in the benchmark's template (random directions) and 1,000 in a clustered
+  // one. False when the rows to gather would grow past 1 / kLargestShare of the candidates.
+  // The Triton kernels sweep every step: a sweep of that template takes an H100 about 61 us.
+  const auto select_from_largest = [&](int64_t b, int64_t t, Best<acc_t>& best) {
+    const acc_t* db = d.data() + b * n;
+    std::vector<acc_t> live;
+    for (int64_t i = 0; i < lengths[b]; ++i) {
+      if (db[i] >= 0) {
+        live.push_back(db[i]);
+      }
+    }
+    const int64_t count = static_cast<int64_t>(live.size());
+    for (int64_t top = kLargestRows; top * kLargestShare <= count; top *= 8) {
+      std::nth_element(live.begin(), live.begin() + (top - 1), live.end(), std::greater<>());
+      const acc_t threshold = live[top - 1];  // >= 0: zero-norm rows and picks are left out
+      Best<acc_t> found;
+      for (int64_t i = 0; i < lengths[b]; ++i) {
+        if (db[i] >= threshold) {
+          const acc_t dist = distance(b, b * n + i, t);
+          const acc_t score = (dist < db[i] ? dist : db[i]) * scale;
+          if (score > found.score) {
+            found = {score, i};
+          }
+        }
+      }
+      // Strictly above: a row left out ties at most, and might have the lower index.
+      if (found.score > threshold * scale) {
+        best = found;
+        return true;
+      }
+    }
+    return false;
+  };
+  const bool last_from_largest = !noise && !logits && scale > 0;
+  std::vector<char> settled(batch);
+  std::vector<Best<acc_t>> settled_best(batch);
+
   const int64_t threads = (tasks + grain - 1) / grain;
   for (int64_t t = 0; t < steps; ++t) {
+    std::fill(settled.begin(), settled.end(), 0);
+    if (last_from_largest && t >= 2 && t == steps - 1) {
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          settled[b] = select_from_largest(b, t, settled_best[b]);
+        }
+      });
+    }
     run_dynamic(tasks, threads, [&](const auto& next) {
       for (int64_t task = next(); task >= 0; task = next()) {
         const int64_t b = task / chunks;
+        if (settled[b]) {
+          continue;
+        }
         const int64_t lo = (task % chunks) * kChunkRows;
         const int64_t hi = std::min(n, lo + kChunkRows);
-        const acc_t* u = unit.data() + b * channels;
         const acc_t* g = noise ? noise + (b * steps + t) * n : nullptr;
         Best<acc_t> best;
         int64_t bad = n;
@@ -167,10 +235,7 @@ void run(QualityFpsProblem& p) {
                                               row, guess_unit.data() + b * channels, channels);
             }
           } else if (d[r] >= 0) {
-            const acc_t dot = t == 1 && guessed_right[b]
-                                  ? guess_dot[r]
-                                  : row_factor * row_dot<scalar_t, acc_t>(row, u, channels);
-            const acc_t dist = half_qg[r] * std::max<acc_t>(0, 1 - inv_q[r] * dot);
+            const acc_t dist = distance(b, r, t);
             // The first distance replaces the norm; later ones keep the older pick on ties.
             if (t == 1 || dist < d[r]) {
               d[r] = dist;
@@ -196,8 +261,8 @@ void run(QualityFpsProblem& p) {
       }
     });
     for (int64_t b = 0; b < batch; ++b) {
-      Best<acc_t> best;
-      for (int64_t c = 0; c < chunks; ++c) {
+      Best<acc_t> best = settled[b] ? settled_best[b] : Best<acc_t>{};
+      for (int64_t c = 0; c < chunks && !settled[b]; ++c) {
         const int64_t task = b * chunks + c;
         TORCH_CHECK_VALUE(t > 0 || first_bad[task] == n, "quality_fps: x[", b, ", ",
                           first_bad[task], "] is not finite (NaN or inf in a valid row)");

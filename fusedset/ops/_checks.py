@@ -40,6 +40,12 @@ def check_tensor(
     return value
 
 
+def check_shape(op: str, name: str, value: torch.Tensor, ok: bool, expected: str) -> None:
+    """Raise unless ``ok``: ``value``'s shape must be ``expected``, e.g. "(B, N >= 1, C)"."""
+    if not ok:
+        raise ValueError(f"{op}: {name} must have shape {expected}, got shape {tuple(value.shape)}")
+
+
 def all_finite(value: torch.Tensor) -> bool:
     """True when no element of ``value`` is NaN or Inf.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
-from fusedset.ops._checks import check_tensor
+from fusedset.ops._checks import check_shape, check_tensor
 
 _OP = "cluster_accumulate"
 _CAFACE = "cluster_accumulate_caface"
@@ -27,11 +27,6 @@ def _check_like(op: str, name: str, value: torch.Tensor, first: str, ref: torch.
         raise TypeError(f"{op}: {name} has dtype {value.dtype}, {first} has {ref.dtype}")
     if value.device != ref.device:
         raise ValueError(f"{op}: {name} is on {value.device}, {first} on {ref.device}")
-
-
-def _check_shape(op: str, name: str, value: torch.Tensor, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{op}: {name} must have shape {expected}, got shape {tuple(value.shape)}")
 
 
 def cluster_accumulate(
@@ -58,14 +53,14 @@ def cluster_accumulate(
     check_tensor(_OP, "queries", queries, dims="B, M, D", dtypes=INPUT_DTYPES)
     check_tensor(_OP, "values", values, dims="B, N, C", dtypes=INPUT_DTYPES)
     b, n, d = keys.shape
-    _check_shape(
+    check_shape(
         _OP,
         "queries",
         queries,
         queries.shape[0] in (1, b) and queries.shape[1] >= 1 and queries.shape[2] == d,
         f"(1 or {b}, M >= 1, {d}) to match keys {tuple(keys.shape)}",
     )
-    _check_shape(
+    check_shape(
         _OP,
         "values",
         values,
@@ -114,7 +109,7 @@ def cluster_accumulate_caface(
                 f"got {type(value).__name__}"
             )
     b, n, d = tokens.shape
-    _check_shape(
+    check_shape(
         _CAFACE,
         "features",
         features,
@@ -122,7 +117,7 @@ def cluster_accumulate_caface(
         f"({b}, {n}, C) to match tokens {tuple(tokens.shape)}",
     )
     queries = centers.unsqueeze(0) if centers.dim() == 2 else centers
-    _check_shape(
+    check_shape(
         _CAFACE,
         "centers",
         centers,
@@ -133,7 +128,7 @@ def cluster_accumulate_caface(
         f"(M, {d}) or ({b}, M, {d}) to match tokens {tuple(tokens.shape)}",
     )
     bias = center_bias.unsqueeze(0) if center_bias.dim() == 1 else center_bias
-    _check_shape(
+    check_shape(
         _CAFACE,
         "center_bias",
         center_bias,

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from fusedset import _dispatch, reference
-from fusedset.ops._checks import check_tensor
+from fusedset.ops._checks import check_shape, check_tensor
 from fusedset.reference._sinusoid import frequency_divisors
 from fusedset.reference.sinusoid_attention_pool import (
     accumulation_dtype,
@@ -30,11 +30,6 @@ from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
 _OP = "sinusoid_attention_pool"
 # Rows per step of the backward's recomputation: bounds its extra memory whatever N is.
 BACKWARD_CHUNK = 4096
-
-
-def _check_shape(name: str, value: torch.Tensor, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{_OP}: {name} must have shape {expected}, got {tuple(value.shape)}")
 
 
 def sinusoid_attention_pool(
@@ -77,31 +72,33 @@ def sinusoid_attention_pool(
     check_tensor(_OP, "position_queries", position_queries, dims="B, R, D")
     check_tensor(_OP, "positions", positions, dims="B, N")
     batch, n, width = x.shape
-    _check_shape("x", x, n >= 1, "(B, N >= 1, C)")
-    _check_shape(
+    check_shape(_OP, "x", x, n >= 1, "(B, N >= 1, C)")
+    check_shape(
+        _OP,
         "queries",
         queries,
         queries.shape[0] == batch and queries.shape[1] >= 1 and queries.shape[2] == width,
         f"({batch}, R >= 1, {width}) to match x {tuple(x.shape)}",
     )
     code_width = position_queries.shape[2]
-    _check_shape(
+    check_shape(
+        _OP,
         "position_queries",
         position_queries,
         position_queries.shape[:2] == queries.shape[:2] and code_width >= 2 and code_width % 2 == 0,
         f"({batch}, {queries.shape[1]}, D) with D even and >= 2 to match queries",
     )
-    _check_shape("positions", positions, positions.shape == (batch, n), f"({batch}, {n})")
+    check_shape(_OP, "positions", positions, positions.shape == (batch, n), f"({batch}, {n})")
     tensors = {"queries": queries, "position_queries": position_queries, "positions": positions}
     if row_scale is not None:
         check_tensor(_OP, "row_scale", row_scale, dims="B, N")
-        _check_shape("row_scale", row_scale, row_scale.shape == (batch, n), f"({batch}, {n})")
+        check_shape(_OP, "row_scale", row_scale, row_scale.shape == (batch, n), f"({batch}, {n})")
         tensors["row_scale"] = row_scale
     if lengths is not None:
         check_tensor(
             _OP, "lengths", lengths, dims="B", dtypes=(torch.int16, torch.int32, torch.int64)
         )
-        _check_shape("lengths", lengths, lengths.shape == (batch,), f"({batch},)")
+        check_shape(_OP, "lengths", lengths, lengths.shape == (batch,), f"({batch},)")
         tensors["lengths"] = lengths
     for name, value in tensors.items():
         if value.device != x.device:

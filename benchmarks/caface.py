@@ -104,7 +104,7 @@ def summary(rows: list[Measurement]) -> list[str]:
         )
         status = "met" if ratio >= TARGET_SPEEDUP else "MISSED"
         lines.append(
-            f"target: streaming N={TARGET_N} {ratio:.1f}x faster than the released memory loop "
+            f"target: streaming N={TARGET_N} {ratio:.2f}x faster than the released memory loop "
             f"(goal >= {TARGET_SPEEDUP}x): {status}"
         )
     for r in rows:

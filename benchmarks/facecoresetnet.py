@@ -170,7 +170,7 @@ def summary(rows: list[Measurement]) -> list[str]:
             f"target: whole module at N = {TARGET_N:,} with glibc's default allocator, in a "
             f"fresh process as a user's (where the issue's 1.9 s anchor was measured): "
             f"{fast_s * 1e3:.0f} ms vs {eager_s * 1e3:.0f} ms for the released-style module = "
-            f"{eager_s / fast_s:.1f}x (goal >= {TARGET_SPEEDUP:.0f}x): {status}"
+            f"{eager_s / fast_s:.2f}x (goal >= {TARGET_SPEEDUP:.0f}x): {status}"
         )
         lines.append(
             f"with freed memory kept (the timings above; spares the eager module its page "

@@ -97,7 +97,7 @@ def summary(rows: list[Measurement]) -> list[str]:
         ratio = times[(target_case, "released eager", "forward")].median_s / fused.median_s
         status = "met" if ratio >= TARGET_SPEEDUP else "MISSED"
         lines.append(
-            f"target: select forward {ratio:.1f}x faster than the released eager loop at "
+            f"target: select forward {ratio:.2f}x faster than the released eager loop at "
             f"{target_case} (goal >= {TARGET_SPEEDUP:.0f}x): {status}"
         )
         floor = times[(target_case, "k reads of x (floor)", "forward")].median_s

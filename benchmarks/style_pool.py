@@ -60,7 +60,7 @@ def summary(rows: list[Measurement]) -> list[str]:
         ratio = times[(TARGET_CASE, "forward", "eager mean+std")] / ours
         status = "met" if ratio >= TARGET_SPEEDUP else "MISSED"
         lines.append(
-            f"target: forward {ratio:.1f}x faster than eager mean+std at {TARGET_CASE} "
+            f"target: forward {ratio:.2f}x faster than eager mean+std at {TARGET_CASE} "
             f"(goal >= {TARGET_SPEEDUP:.0f}x): {status}"
         )
     x_bytes = 4 * 256 * 128 * 28 * 28

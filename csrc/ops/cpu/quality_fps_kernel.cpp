@@ -1,8 +1,9 @@
 // quality_fps CPU kernel: one sweep over X per selection step (the first computes the norms,
 // each later one the distances to the previous pick), so k steps cost at most k reads of X.
 // The eval selection's last step usually reads only a few hundred rows (select_from_largest).
-// Per row the state is four numbers (d, q^gamma / 2, 1 / q, source), N of each per template,
-// small next to X (C = 512 values per row).
+// Per row the state is three numbers (d, q^gamma / 2, 1 / q), a fourth with row_scale (the dot
+// with the guessed first pick) and another for the select form's source output: N of each per
+// template, small next to X (C = 512 values per row).
 //
 // d encodes availability: d >= 0 a candidate, -1 a zero-norm row (no direction, picked only
 // when nothing else remains), -inf padding or already picked.

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,20 +139,25 @@ def freed_memory_kept() -> Iterator[bool]:
         libc.malloc_trim(0)
 
 
-def time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int = 1, repeats: int = 7) -> float:
-    """Median seconds of ``fn(*args)``, rotating through ``inputs`` so that no call finds its
-    input already in cache from the call before; freed memory is kept for reuse (see
-    ``freed_memory_kept``)."""
+def time_cpu(
+    calls: Mapping[str, Callable], inputs: Sequence[tuple], warmup: int = 1, repeats: int = 7
+) -> dict[str, float]:
+    """Median seconds of each ``call(*args)``, the calls taking turns so that a shared machine's
+    drift during the measurement reaches every one alike (timed one block after another, a
+    drift between the blocks goes into the ratio). Consecutive calls take consecutive inputs
+    (with more than one), so that no call finds its input already in cache from the call
+    before; freed memory is kept for reuse (see ``freed_memory_kept``)."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
     with freed_memory_kept():
-        for i in range(warmup):
-            fn(*inputs[i % len(inputs)])
-        times = []
-        for i in range(repeats):
-            args = inputs[i % len(inputs)]
+        for turn in range((warmup + repeats) * len(names)):
+            name = names[turn % len(names)]
+            args = inputs[turn % len(inputs)]
             start = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            calls[name](*args)
+            if turn >= warmup * len(names):
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def time_cuda(fn: Callable, inputs: Sequence[tuple]) -> float:

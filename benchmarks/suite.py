@@ -64,15 +64,17 @@ def measure(case: Case, device: str, progress) -> list[Measurement]:
     rows = []
     for pass_ in PASSES if case.backward else PASSES[:1]:
         args = inputs if pass_ == "forward" else _with_grad(inputs)
-        for impl, fn in case.impls.items():
-            if pass_ != "forward" and impl in case.forward_only:
-                continue
-            progress.set_postfix_str(f"{case.op} {case.label} {impl} {pass_}", refresh=True)
-            call = fn if pass_ == "forward" else forward_backward(fn)
-            if device == "cuda":
-                seconds = time_cuda(call, args)
-            else:
-                seconds = time_cpu(call, args, repeats=case.repeats)
+        calls = {
+            impl: fn if pass_ == "forward" else forward_backward(fn)
+            for impl, fn in case.impls.items()
+            if pass_ == "forward" or impl not in case.forward_only
+        }
+        progress.set_postfix_str(f"{case.op} {case.label} {pass_}", refresh=True)
+        if device == "cuda":
+            seconds = {impl: time_cuda(call, args) for impl, call in calls.items()}
+        else:
+            seconds = time_cpu(calls, args, repeats=case.repeats)
+        for impl, call in calls.items():
             with torch.no_grad() if pass_ == "forward" else torch.enable_grad():
                 peak = peak_extra_memory(lambda c=call, a=args[0]: c(*a), device)
             rows.append(
@@ -82,7 +84,7 @@ def measure(case: Case, device: str, progress) -> list[Measurement]:
                     size=case.size,
                     impl=impl,
                     pass_=pass_,
-                    median_s=seconds,
+                    median_s=seconds[impl],
                     peak_extra_bytes=peak,
                     bytes_moved=case.bytes_moved.get(pass_),
                     series=case.series,

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "ops/lengths.h"
+
 namespace fusedset {
 namespace {
 
@@ -29,22 +31,7 @@ QualityFpsProblem make_problem(const char* op, const at::Tensor& x, const at::Te
   p.steps = std::min<int64_t>(k, x.size(1));
   p.scale = 1.0;
   const int64_t batch = x.size(0);
-  if (lengths.has_value()) {
-    const at::Tensor& l = *lengths;
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, op, ": lengths must have shape (", batch,
-                ",), got ", l.sizes());
-    TORCH_CHECK(!at::isFloatingType(l.scalar_type()) && l.scalar_type() != at::kBool, op,
-                ": lengths must be an integer tensor, got ", l.scalar_type());
-    p.lengths = l.to(at::kCPU, at::kLong).contiguous();
-    if (batch > 0) {
-      const int64_t lo = p.lengths.min().item<int64_t>();
-      const int64_t hi = p.lengths.max().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 0 && hi <= x.size(1), op, ": lengths must lie in [0, N = ", x.size(1),
-                  "], got values in [", lo, ", ", hi, "]");
-    }
-  } else {
-    p.lengths = at::full({batch}, x.size(1), at::TensorOptions().dtype(at::kLong));
-  }
+  p.lengths = checked_lengths(op, lengths, batch, x.size(1), 0, "");
   p.indices = at::empty({batch, p.steps}, x.options().dtype(at::kLong));
   return p;
 }

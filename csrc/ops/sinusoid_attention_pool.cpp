@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "ops/lengths.h"
+
 namespace fusedset {
 namespace {
 
@@ -65,23 +67,7 @@ SinusoidPoolProblem make_problem(const at::Tensor& x, const at::Tensor& queries,
     check_float("row_scale", s, x);
     p.row_scale = s.to(acc).contiguous();
   }
-  if (lengths.has_value()) {
-    const at::Tensor& l = *lengths;
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, kOp, ": lengths must have shape (", batch,
-                ",), got ", l.sizes());
-    TORCH_CHECK(!at::isFloatingType(l.scalar_type()) && l.scalar_type() != at::kBool, kOp,
-                ": lengths must be an integer tensor, got ", l.scalar_type());
-    p.lengths = l.to(at::kCPU, at::kLong).contiguous();
-    if (batch > 0) {
-      const int64_t lo = p.lengths.min().item<int64_t>();
-      const int64_t hi = p.lengths.max().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 1 && hi <= n, kOp, ": lengths must lie in [1, N = ", n,
-                        "] (a softmax needs at least one row), got values in [", lo, ", ", hi,
-                        "]");
-    }
-  } else {
-    p.lengths = at::full({batch}, n, at::TensorOptions().dtype(at::kLong));
-  }
+  p.lengths = checked_lengths(kOp, lengths, batch, n, 1, " (a softmax needs at least one row)");
   p.position_scale = position_scale;
   p.eps = eps;
   p.series = series;

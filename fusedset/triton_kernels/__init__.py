@@ -8,8 +8,9 @@ from fusedset.triton_kernels.registry import (
     HELPERS,
     REGISTRY,
     CompileVariant,
+    Launch,
     compile_checked,
     compile_checked_helper,
 )
 
-__all__ = ["HELPERS", "REGISTRY", "CompileVariant", "compile_checked", "compile_checked_helper"]
+__all__ = ["HELPERS", "REGISTRY", "CompileVariant", "Launch", "compile_checked", "compile_checked_helper"]

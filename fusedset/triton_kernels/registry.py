@@ -56,3 +56,15 @@ def compile_checked_helper(fn: K) -> K:
     """Marks a @triton.jit device function (not a kernel) as checked through its callers."""
     HELPERS.append(fn)
     return fn
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a launcher, as its plan function states it before running it: what
+    ``python -m fusedset.tools.gpu_model`` reads at any size without running a program. The
+    launcher launches exactly its plan (the model checks that where it counts in the
+    interpreter)."""
+
+    kernel: str  # a registered kernel's name (RegisteredKernel.name)
+    variant: str  # the label of the CompileVariant it runs as (its constexprs and options)
+    grid: tuple[int, ...]

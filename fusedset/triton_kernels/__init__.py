@@ -13,4 +13,11 @@ from fusedset.triton_kernels.registry import (
     compile_checked_helper,
 )
 
-__all__ = ["HELPERS", "REGISTRY", "CompileVariant", "Launch", "compile_checked", "compile_checked_helper"]
+__all__ = [
+    "HELPERS",
+    "REGISTRY",
+    "CompileVariant",
+    "Launch",
+    "compile_checked",
+    "compile_checked_helper",
+]

@@ -112,8 +112,14 @@ class CAFace(CAFaceReference):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One chunk (or one call): -> A F_hat (B, M, C), A x (B, M, D), A 1 (B, M), and the
         LayerNorm'd tokens x (B, N, D)."""
+        return self.embedded_cluster_sums(features, self.style_embedding(style_stats))
+
+    def embedded_cluster_sums(
+        self, features: torch.Tensor, style: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``cluster_sums`` of the style embedding (B, N, style_dim) rather than the stats."""
         norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
-        tokens = self.cluster_tokens(self.tokens(norms, self.style_embedding(style_stats)))
+        tokens = self.cluster_tokens(self.tokens(norms, style))
         styles = self.fusion_net.clustering_layer.cluster_block.norm_x(tokens)
         centers, bias = self.folded_centers()
         feature_num, token_num, den = cluster_accumulate_caface(
@@ -140,18 +146,22 @@ class CAFace(CAFaceReference):
         aggregated, cluster_feature, cluster_style, confidence, _, styles = self._one_call(
             features, style_stats
         )
-        centers, bias = self.folded_centers()
-        queries = torch.cat([centers, bias[:, None]], dim=-1)[None]
-        keys = torch.cat([styles, styles.new_ones(*styles.shape[:-1], 1)], dim=-1)
-        assignment = cluster_assignment(queries, keys, self.config.dim**-0.5)
         return CAFaceOutput(
             aggregated,
             cluster_feature,
             cluster_style,
             confidence,
-            assignment,
+            self.assignment_map(styles),
             self.style_embedding(style_stats),
         )
+
+    def assignment_map(self, styles: torch.Tensor) -> torch.Tensor:
+        """The assignment map A (B, M, N) of the LayerNorm'd tokens (B, N, D), from the folded
+        centers; the kernel never forms it, callers that read it do."""
+        centers, bias = self.folded_centers()
+        queries = torch.cat([centers, bias[:, None]], dim=-1)[None]
+        keys = torch.cat([styles, styles.new_ones(*styles.shape[:-1], 1)], dim=-1)
+        return cluster_assignment(queries, keys, self.config.dim**-0.5)
 
     def fusion_weights(self, features: torch.Tensor, style_stats: torch.Tensor) -> torch.Tensor:
         """Each image's weight in the fused feature (B, N), the paper's Supp. F view:

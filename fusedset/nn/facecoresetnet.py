@@ -120,7 +120,10 @@ class FaceCoresetNet(FaceCoresetNetReference):
         in the checkpoint (released default: 3), nor the number of heads (8)."""
         state_dict = facecoresetnet_state_dict(source)
         model = cls(
-            infer_embedding_size(state_dict), num_heads, coreset_size, chunk_size=chunk_size
+            infer_embedding_size(state_dict),
+            num_heads=num_heads,
+            coreset_size=coreset_size,
+            chunk_size=chunk_size,
         )
         load_checked(model, state_dict, "released FaceCoresetNet")
         return model.eval()

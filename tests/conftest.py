@@ -1,13 +1,17 @@
 import os
 
-# Triton reads this when a @triton.jit decorator runs, i.e. when a kernel module is imported:
-# it must be set before fusedset (or anything importing it) is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors; with one
+# they run compiled, on CUDA tensors (helpers.TRITON_DEVICE). Triton reads the variable when a
+# @triton.jit decorator runs, i.e. when a kernel module is imported: it must be set before
+# fusedset (or anything importing it) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path
 
 import pytest
-import torch
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 

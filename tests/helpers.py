@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -12,6 +13,9 @@ import fusedset
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+# Where tests run the Triton launchers: compiled on a CUDA device when there is one, else in
+# Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 then).
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 
 
 @contextlib.contextmanager

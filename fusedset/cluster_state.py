@@ -8,15 +8,17 @@ are kept in float64 so that the order of the additions does not show in float32 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Integral
 from typing import Literal
 
 import torch
 
-from fusedset.ops._checks import all_finite
+from fusedset.ops._checks import FLOAT_DTYPES, all_finite
 from fusedset.ops.cluster_accumulate import cluster_accumulate
 
 Normalization = Literal["paper", "official"]
 _FIELDS = ("num", "clipped_num", "den", "token_num", "clipped_token_num")
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 
 
 class ClusterState:
@@ -57,6 +59,16 @@ class ClusterState:
                     f"ClusterState.update: chunk {label}: {name} must be a torch.Tensor, "
                     f"got {type(value).__name__}"
                 )
+            if value is not None and value.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"ClusterState.update: chunk {label}: {name} must have dtype "
+                    f"{', '.join(_DTYPE_NAMES)}, got {value.dtype}"
+                )
+            if value is not None and value.device != num.device:
+                raise ValueError(
+                    f"ClusterState.update: chunk {label}: {name} is on {value.device}, num on "
+                    f"{num.device}"
+                )
         if num.dim() != 3 or den.shape != num.shape[:2]:
             raise ValueError(
                 f"ClusterState.update: chunk {label}: num must be (B, M, C) and den (B, M), got "
@@ -74,6 +86,11 @@ class ClusterState:
                 raise ValueError(
                     f"ClusterState.update: {what} has NaN or Inf in {name}; the state is unchanged"
                 )
+        if bool((den < 0).any()):
+            raise ValueError(
+                f"ClusterState.update: {what} has a negative den (a sum of assignment weights, "
+                "never below 0); the state is unchanged"
+            )
         weight = den.clamp(max=1).unsqueeze(-1)
         new = {"num": num, "clipped_num": weight * num, "den": den}
         if token_num is not None:
@@ -146,16 +163,11 @@ class ClusterState:
         return out
 
     def load_state_dict(self, state: Mapping[str, object]) -> ClusterState:
-        sums = {k: state[k] for k in _FIELDS if k in state}
-        dtype = state.get("dtype")
-        if set(sums) not in (set(), set(_FIELDS[:3]), set(_FIELDS)) or "chunks" not in state:
-            raise ValueError(
-                f"ClusterState.load_state_dict: expected keys {', '.join(_FIELDS)} (the token "
-                f"ones optional), chunks and dtype; got {sorted(state)}"
-            )
-        self._sums = {k: torch.as_tensor(v).clone() for k, v in sums.items()}
-        self._dtype = None if dtype is None else getattr(torch, str(dtype))
-        self.chunks = int(state["chunks"])
+        """Replaces the state with one ``state_dict()`` wrote. Everything is checked first (keys,
+        shapes, float64 finite sums on one device, den >= 0, chunks, dtype): on an error the
+        state is unchanged."""
+        sums, dtype, chunks = _checked_state(state)
+        self._sums, self._dtype, self.chunks = sums, dtype, chunks
         return self
 
     def _ratio(self, numerator: str, normalization: Normalization) -> torch.Tensor:
@@ -210,3 +222,77 @@ class ClusterState:
         else:
             self._sums = {k: v + sums[k] for k, v in self._sums.items()}
         self.chunks += chunks
+
+
+def _checked_state(
+    state: Mapping[str, object],
+) -> tuple[dict[str, torch.Tensor], torch.dtype | None, int]:
+    """The sums (cloned), dtype and chunk count of a ``state_dict()``, or a ValueError or
+    TypeError naming the entry at fault."""
+    where = "ClusterState.load_state_dict"
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{where}: expected a mapping from state_dict(), got {type(state).__name__}"
+        )
+    fields = [k for k in _FIELDS if k in state]
+    if fields not in ([], list(_FIELDS[:3]), list(_FIELDS)) or state.keys() != {
+        *fields,
+        *("chunks", "dtype"),
+    }:
+        raise ValueError(
+            f"{where}: expected keys {', '.join(_FIELDS)} (the token ones optional), chunks and "
+            f"dtype; got {sorted(map(str, state))}"
+        )
+    sums = {}
+    for k in fields:
+        value = state[k]
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float64:
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{where}: {k} must be a float64 tensor, got {got}")
+        sums[k] = value
+    chunks = state["chunks"]
+    if isinstance(chunks, bool) or not isinstance(chunks, Integral) or chunks < 0:
+        raise ValueError(f"{where}: chunks must be an integer >= 0, got {chunks!r}")
+    dtype = state["dtype"]
+    if not sums:
+        if chunks != 0 or dtype is not None:
+            raise ValueError(
+                f"{where}: a state without sums has chunks 0 and dtype None, got chunks "
+                f"{chunks!r} and dtype {dtype!r}"
+            )
+        return {}, None, 0
+    if str(dtype).removeprefix("torch.") not in _DTYPE_NAMES:
+        raise ValueError(f"{where}: dtype must be one of {', '.join(_DTYPE_NAMES)}, got {dtype!r}")
+    if chunks == 0:
+        raise ValueError(f"{where}: a state with sums has seen at least one chunk, got chunks 0")
+    num = sums["num"]
+    if num.dim() != 3:
+        raise ValueError(f"{where}: num must have shape (B, M, C), got {tuple(num.shape)}")
+    b, m, c = num.shape
+    tokens = sums.get("token_num")
+    d = tokens.shape[2] if tokens is not None and tokens.dim() == 3 else "D"
+    expected = {
+        "num": (b, m, c),
+        "clipped_num": (b, m, c),
+        "den": (b, m),
+        "token_num": (b, m, d),
+        "clipped_token_num": (b, m, d),
+    }
+    for k, value in sums.items():
+        if value.shape != expected[k]:
+            raise ValueError(
+                f"{where}: {k} must have shape {expected[k]} (num has {(b, m, c)}), got "
+                f"{tuple(value.shape)}"
+            )
+        if value.device != num.device:
+            raise ValueError(f"{where}: {k} is on {value.device}, num on {num.device}")
+    for k, value in sums.items():
+        if not all_finite(value):
+            raise ValueError(f"{where}: {k} holds NaN or Inf")
+    if bool((sums["den"] < 0).any()):
+        raise ValueError(f"{where}: den holds a negative value (a sum of weights is >= 0)")
+    return (
+        {k: v.clone() for k, v in sums.items()},
+        _DTYPE_NAMES[str(dtype).removeprefix("torch.")],
+        int(chunks),
+    )

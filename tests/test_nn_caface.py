@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,47 @@ def test_a_failed_update_leaves_the_stream_unchanged():
         stream.update(features[:1], stats[:1])
     assert stream.state.chunks == 2
     torch.testing.assert_close(stream.result(), before, rtol=0, atol=0)
+
+
+def test_threads_sharing_a_stream_lose_no_update():
+    """Two threads update one stream, three chunks each; the clustering passes are made to
+    overlap (a barrier inside), the moment a copy-add-store update loses the other's chunk."""
+    model = random_model()
+    features, stats = random_set(2, 6 * 15)
+    chunks = list(zip(features.split(15, 1), stats.split(15, 1), strict=True))
+    with torch.no_grad():
+        sequential = model.stream(2)
+        for f, s in chunks:
+            sequential.update(f, s)
+    shared = model.stream(2)
+    overlap = threading.Barrier(2, timeout=60)
+    cluster_sums = model.cluster_sums
+
+    def overlapping(*args):
+        overlap.wait()
+        return cluster_sums(*args)
+
+    errors = []
+
+    def feed(part):
+        try:
+            with torch.no_grad():
+                for f, s in part:
+                    shared.update(f, s)
+        except Exception as exc:  # reported below: an exception in a thread is not a failure
+            errors.append(exc)
+
+    model.cluster_sums = overlapping
+    threads = [threading.Thread(target=feed, args=(chunks[i::2],)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    del model.cluster_sums
+    assert not errors, errors
+    assert shared.state.chunks == 6
+    assert_rel_close(shared.result(), sequential.result(), 1e-6)
+    assert_rel_close(shared.cluster_feature(), sequential.cluster_feature(), 1e-6)
 
 
 def test_empty_stream_result_is_a_clear_error():

@@ -16,6 +16,7 @@ reference, ``fusedset.reference.CAFaceReference``), three things faster:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -212,6 +213,9 @@ class CAFaceStream:
     caller of the released code feeds them); with it set, an update of n frames is
     ``n // chunk_size`` chunks of that size, run as one batch, and one shorter chunk for the rest.
     Memory is bounded by the largest update, whatever the total N.
+
+    Threads may share a stream: updates cluster their chunks side by side and add them to the
+    state one at a time, so the result is that of the same updates made in sequence.
     """
 
     def __init__(
@@ -229,6 +233,7 @@ class CAFaceStream:
         self.normalization = normalization
         self.chunk_size = chunk_size
         self.state = ClusterState()
+        self._lock = threading.Lock()
 
     def update(self, features: torch.Tensor, style_stats: torch.Tensor) -> CAFaceStream:
         """Adds frames (B, n, C) with their style stats (B, n, 384, 2). On an error (bad shapes,
@@ -263,25 +268,33 @@ class CAFaceStream:
                 for t in range(count)
             ]
 
-        staged = ClusterState().load_state_dict(self.state.state_dict())
+        # The update's chunks are summed apart and added under the lock: a thread that copied
+        # the state, added to the copy and stored it would drop another thread's update.
+        added = ClusterState()
         for chunks in map_single_threaded(cluster_pass, spans, features):
             for feature_num, token_num, den in chunks:
-                staged.update(feature_num, den, token_num)
-        self.state = staged
+                added.update(feature_num, den, token_num)
+        with self._lock:
+            self.state.merge(added)
         return self
 
     def merge(self, other: CAFaceStream) -> CAFaceStream:
         """Adds what another stream of the same probes has seen (e.g. another process's)."""
-        self.state.merge(other.state)
+        with other._lock:
+            seen = ClusterState().merge(other.state)
+        with self._lock:
+            self.state.merge(seen)
         return self
 
     def result(self) -> torch.Tensor:
         """The fused feature (B, C) of every frame seen so far."""
-        aggregated, _ = self.model.aggregate(
-            self.state.result(self.normalization), self.state.token_result(self.normalization)
-        )
+        with self._lock:
+            cluster_feature = self.state.result(self.normalization)
+            cluster_style = self.state.token_result(self.normalization)
+        aggregated, _ = self.model.aggregate(cluster_feature, cluster_style)
         return aggregated
 
     def cluster_feature(self) -> torch.Tensor:
         """F' (B, M, C) of every frame seen so far."""
-        return self.state.result(self.normalization)
+        with self._lock:
+            return self.state.result(self.normalization)

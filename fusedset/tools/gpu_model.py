@@ -365,7 +365,7 @@ def _sinusoid_workloads() -> list[Workload]:
     from fusedset.triton_kernels import sinusoid_attention_pool as kernels
 
     c, r, dim = 512, 24, 512
-    divisors = frequency_divisors(dim, 10000.0)
+    divisors = frequency_divisors(dim, 10000.0, torch.float32)
 
     def make(b, n):
         g = _generator()

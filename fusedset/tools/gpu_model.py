@@ -727,59 +727,40 @@ def cuda_resources(workloads: Sequence[Workload], arch: int) -> dict[tuple[str, 
 # ----------------------------------------------------------------------------- output
 
 
-def format_table(rows: Sequence[Row], gpu: Gpu) -> str:
-    header = (
-        "op",
-        "pass",
-        "form",
-        "B",
-        "N",
-        "method",
-        "MB moved",
-        "floor MB",
-        "ratio",
-        "programs",
-        "res/SM",
-        "waves",
-        "launches",
-        "syncs",
-        "modeled us",
-        "floor us",
-        "of roofline",
-        "target",
+_COLUMNS = ("op", "pass", "form", "B", "N", "method", "MB moved", "floor MB", "ratio",
+            "programs", "res/SM", "waves", "launches", "syncs", "modeled us", "floor us",
+            "of roofline", "target")  # fmt: skip
+
+
+def _cells(r: Row) -> tuple[str, ...]:
+    return (
+        r.op, r.pass_, r.form, str(r.B), str(r.N), r.method, f"{r.bytes / 1e6:.2f}",
+        f"{r.floor_bytes / 1e6:.2f}", f"{r.ratio:.3f}", str(r.programs), str(r.resident_per_sm),
+        str(r.waves), str(r.launches), str(r.host_syncs), f"{r.modeled_s * 1e6:.1f}",
+        f"{r.floor_s * 1e6:.1f}", f"{r.modeled_fraction:.0%}", "; ".join(r.misses) or "met",
+    )  # fmt: skip
+
+
+def _heading(gpu: Gpu) -> str:
+    return (
+        f"MODELED, not measured: {gpu.name}; time = bytes / bandwidth / (SMs busy) + "
+        f"{LAUNCH_LATENCY_S * 1e6:.1f} us a launch"
     )
-    lines = [header]
-    for r in rows:
-        lines.append(
-            (
-                r.op,
-                r.pass_,
-                r.form,
-                str(r.B),
-                str(r.N),
-                r.method,
-                f"{r.bytes / 1e6:.2f}",
-                f"{r.floor_bytes / 1e6:.2f}",
-                f"{r.ratio:.3f}",
-                str(r.programs),
-                str(r.resident_per_sm),
-                str(r.waves),
-                str(r.launches),
-                str(r.host_syncs),
-                f"{r.modeled_s * 1e6:.1f}",
-                f"{r.floor_s * 1e6:.1f}",
-                f"{r.modeled_fraction:.0%}",
-                "; ".join(r.misses) or "met",
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+
+
+def format_table(rows: Sequence[Row], gpu: Gpu) -> str:
+    lines = [_COLUMNS, *map(_cells, rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_COLUMNS))]
     text = "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
-    return (
-        f"MODELED, not measured: {gpu.name}; time = bytes / bandwidth / (SMs busy) + "
-        f"{LAUNCH_LATENCY_S * 1e6:.1f} us a launch\n{text}"
-    )
+    return f"{_heading(gpu)}\n{text}"
+
+
+def format_markdown(rows: Sequence[Row], gpu: Gpu) -> str:
+    lines = [f"| {' | '.join(line)} |" for line in (_COLUMNS, *map(_cells, rows))]
+    lines.insert(1, "|" + " --- |" * len(_COLUMNS))
+    return f"{_heading(gpu)}.\n\n" + "\n".join(lines)
 
 
 # fusedset bench's implementations of the GPU ops -> the model's (op, form) rows they run.
@@ -876,6 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--arch", type=int, default=90, choices=sorted(GPUS))
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table in markdown")
     parser.add_argument("--check", action="store_true", help="exit 1 when a row misses a target")
     parser.add_argument("--only", action="append", default=[], help="only this op (repeatable)")
     parser.add_argument(
@@ -917,6 +899,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_json() for r in rows], f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(rows, GPUS[args.arch]) + "\n")
     missed = [r for r in rows if r.misses]
     print(f"gpu_model: {len(rows)} rows, {len(missed)} missing a target (MODELED, not measured)")
     return 1 if args.check and missed else 0

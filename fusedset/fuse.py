@@ -12,17 +12,21 @@ A template's rows are read when it is fused, so with ``.npy`` input the memory i
 largest template, not by the file; methods that stream (CAFace) read a template one chunk at a
 time, so their memory is bounded by the chunk.
 Output (``write_descriptors``): ``.npz`` or ``.safetensors`` with ``templates`` (T,) and
-``descriptors`` (T, D) float32, written under a temporary name and renamed when complete.
+``descriptors`` (T, D) float32. The file appears complete or not at all: it is written without
+a name (Linux ``O_TMPFILE``) and linked into place when complete, so even a process killed while
+writing leaves nothing behind (elsewhere, a hidden temporary name is renamed).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -68,10 +72,7 @@ def _read_templates(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
             raise FuseInputError(f"{path}: cannot read template ids ({exc})") from exc
         # IJB `name template media` lines, or one template id per line
         ids = rows[:, 1:3] if rows.shape[1] >= 3 else rows[:, :1]
-    try:
-        ids = ids.astype(np.int64)
-    except ValueError as exc:
-        raise FuseInputError(f"{path}: template ids must be integers ({exc})") from exc
+    ids = _integer_ids(path, "template ids", ids)
     if ids.ndim == 2 and ids.shape[1] == 1:
         ids = ids[:, 0]
     if ids.shape[0] != n or ids.ndim not in (1, 2) or (ids.ndim == 2 and ids.shape[1] != 2):
@@ -80,6 +81,26 @@ def _read_templates(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
             f"template and media id, got shape {ids.shape}"
         )
     return (ids, ids) if ids.ndim == 1 else (ids[:, 0], ids[:, 1])
+
+
+def _integer_ids(path: Path, name: str, ids: Any) -> np.ndarray:
+    """``ids`` as int64, refusing any a cast would change (3.5 -> 3, NaN, 1e30, True)."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "US":  # the text of a template file
+        try:
+            return ids.astype(np.int64)
+        except (ValueError, OverflowError) as exc:
+            raise FuseInputError(f"{path}: {name} must be integers ({exc})") from exc
+    if ids.dtype.kind == "f":
+        whole = np.isfinite(ids) & (np.floor(ids) == ids) & (np.abs(ids) < 2.0**63)
+    elif ids.dtype.kind in "iu":
+        whole = ids <= np.iinfo(np.int64).max
+    else:
+        raise FuseInputError(f"{path}: {name} must be integers, got dtype {ids.dtype}")
+    if not whole.all():
+        bad = ids.reshape(-1)[np.flatnonzero(~whole)[0]]
+        raise FuseInputError(f"{path}: {name} must be integers, got {bad} (dtype {ids.dtype})")
+    return ids.astype(np.int64)
 
 
 def _read_bundle(path: Path) -> dict[str, Any]:
@@ -118,8 +139,8 @@ def read_images(
         raise FuseInputError(
             f"{path}: missing array {missing[0]!r} (has {', '.join(sorted(bundle)) or 'none'})"
         )
-    template_ids = np.asarray(bundle["templates"]).astype(np.int64)
-    media = np.asarray(bundle.get("media", template_ids)).astype(np.int64)
+    template_ids = _integer_ids(path, "templates", bundle["templates"])
+    media = _integer_ids(path, "media", bundle.get("media", template_ids))
     return _checked(ImageArrays(bundle["features"], template_ids, media, bundle.get("style"), path))
 
 
@@ -210,28 +231,114 @@ def fuse_templates(
             raise
         except ValueError as exc:  # the module refused the template (width, style shape, ...)
             raise FuseInputError(f"{images.source}: template {template}: {exc}") from exc
+        fused = fused.float()
+        if not all_finite(fused) or not bool(fused.any()):
+            kind = "zero" if all_finite(fused) else "NaN or Inf"
+            raise FuseInputError(
+                f"{images.source}: template {template}: its fused descriptor is {kind}, a "
+                "direction cannot be written (are all its features zero?)"
+            )
         ids[i] = template
-        descriptors[i] = torch.nn.functional.normalize(fused.float(), dim=-1).numpy()
+        descriptors[i] = torch.nn.functional.normalize(fused, dim=-1).numpy()
     return ids, descriptors
 
 
-def write_descriptors(path: str | Path, templates: np.ndarray, descriptors: np.ndarray) -> Path:
-    """Writes atomically: a failure leaves no partial file at ``path``."""
+def check_output(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuses, before any work, an output that could not be written or would overwrite an
+    input: a wrong suffix, a directory, a path under a regular file, one of ``inputs``."""
     path = Path(path)
     if path.suffix not in OUTPUT_SUFFIXES:
         raise FuseInputError(f"{path}: the output must be .npz or .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        if path.suffix == ".npz":
-            np.savez(tmp, templates=templates, descriptors=descriptors)
-        else:
-            from safetensors.numpy import save_file
+    if path.is_dir():
+        raise FuseInputError(f"{path}: the output is an existing directory")
+    if path.exists():
+        for source in inputs:
+            if source is not None and Path(source).exists() and os.path.samefile(path, source):
+                raise FuseInputError(
+                    f"{path}: the output is an input file; it is never overwritten"
+                )
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FuseInputError(f"{path}: cannot write under {parent}, a file, not a directory")
+    return path
 
-            save_file({"templates": templates, "descriptors": descriptors}, tmp)
+
+def write_descriptors(path: str | Path, templates: np.ndarray, descriptors: np.ndarray) -> Path:
+    """Writes atomically: the file appears complete or not at all, and a failure leaves no
+    file behind, nor does a process killed while writing where ``O_TMPFILE`` exists."""
+    path = check_output(path)
+
+    def write(file: BinaryIO) -> None:
+        if path.suffix == ".npz":
+            np.savez(file, templates=templates, descriptors=descriptors)
+        else:
+            from safetensors.numpy import save
+
+            file.write(save({"templates": templates, "descriptors": descriptors}))
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _unnamed_file(path.parent)
+        if fd is None:
+            _write_named(path, write)
+        else:
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as file:
+                    write(file)
+                _link(fd, path)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        raise FuseInputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    return path
+
+
+def _unnamed_file(directory: Path) -> int | None:
+    """A file open for writing in ``directory`` without a name, or None where the system or the
+    file system has no ``O_TMPFILE``."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+
+
+def _link(fd: int, path: Path) -> None:
+    """Names the unnamed file open at ``fd`` ``path``, replacing a file there."""
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N; os.link calls plain link(), which would
+    # link the /proc entry itself, unless given a directory descriptor.
+    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            os.link(str(fd), path, src_dir_fd=fds, follow_symlinks=True)
+            return
+        except FileExistsError:
+            pass
+        # linkat never replaces a file: link under a hidden name, then rename it over the file.
+        hidden = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        os.link(str(fd), hidden, src_dir_fd=fds, follow_symlinks=True)
+    finally:
+        os.close(fds)
+    try:
+        os.replace(hidden, path)
+    except BaseException:
+        hidden.unlink(missing_ok=True)
+        raise
+
+
+def _write_named(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Without unnamed files: a hidden temporary file beside ``path``, renamed when complete."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path

@@ -84,14 +84,29 @@ def test_fuses_every_format(tmp_path, images, layout, method):
     np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1, rtol=1e-5)
 
 
-def _fails(args, capsys, tmp_path, pattern):
-    out = tmp_path / "out.npz"
-    assert main(["fuse", "--method", "mean", "--no-progress", *args, "--out", str(out)]) == 2
+def files_under(directory):
+    """Every file and directory under ``directory``, hidden ones too, with the bytes of files."""
+    return {
+        p.relative_to(directory): p.read_bytes() if p.is_file() else None
+        for p in directory.rglob("*")
+    }
+
+
+def refused(argv, capsys, tmp_path, pattern):
+    """``fusedset fuse argv`` ends with one line holding ``pattern`` and exit code 2, and leaves
+    tmp_path as it found it: no output, no temporary file, every input as it was."""
+    before = files_under(tmp_path)
+    assert main(["fuse", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert pattern in err, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary file left"
+    assert files_under(tmp_path) == before
+
+
+def _fails(args, capsys, tmp_path, pattern):
+    refused(
+        ["--method", "mean", *args, "--out", str(tmp_path / "out.npz")], capsys, tmp_path, pattern
+    )
 
 
 def test_missing_features_file(tmp_path, capsys):
@@ -170,9 +185,7 @@ def modules(images):
     loading a checkpoint draws from it (the module is built with random weights first)."""
     features, _, _, style = images
     with torch.random.fork_rng(devices=[]):
-        yield random_modules(
-            features.shape[1], style.shape[1], seed=int(np.random.default_rng().integers(2**31))
-        )
+        yield random_modules(features.shape[1], style.shape[1], seed=7)
 
 
 def write_inputs(tmp_path, images, layout):
@@ -267,14 +280,9 @@ def test_caface_streams_a_template_in_chunks_of_the_given_size(tmp_path, images,
 
 
 def _fails_learned(tmp_path, capsys, images, method, checkpoint, pattern, layout="npz"):
-    out = tmp_path / "out.npz"
-    args = ["fuse", "--method", method, "--checkpoint", str(checkpoint), "--no-progress"]
-    assert main([*args, *write_inputs(tmp_path, images, layout), "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert pattern in err, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary file left"
+    args = ["--method", method, "--checkpoint", str(checkpoint)]
+    args += [*write_inputs(tmp_path, images, layout), "--out", str(tmp_path / "out.npz")]
+    refused(args, capsys, tmp_path, pattern)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -300,7 +308,7 @@ def test_missing_unreadable_and_foreign_checkpoints(tmp_path, capsys, images, me
     missing = tmp_path / "nope.pt"
     _fails_learned(tmp_path, capsys, images, method, missing, f"{missing}: no such checkpoint file")
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(np.random.default_rng().bytes(500))
+    garbage.write_bytes(np.random.default_rng(0).bytes(500))
     _fails_learned(
         tmp_path,
         capsys,
@@ -407,3 +415,224 @@ def test_learned_method_usage_errors(tmp_path, capsys, images, modules):
     err = capsys.readouterr().err
     assert "f.npz: template 3: features must have shape (B, N, 32), got (1, 7, 16)" in err, err
     assert not (tmp_path / "o.npz").exists()
+
+
+# -- issue 14: every bad input ends in one line and exit code 2, and nothing is written ---------
+
+
+def coreset_checkpoint_with(tmp_path, modules, key, spoil):
+    state = modules["coreset"].state_dict()
+    state[key] = spoil(state[key])
+    torch.save(state, tmp_path / "w.pt")
+    return tmp_path / "w.pt"
+
+
+def with_nan(t):
+    t = t.clone()
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize(
+    ("key", "spoil", "problem"),
+    [
+        (
+            "decoder_layer1.norm1.weight",
+            lambda t: torch.ones(t.shape[0] + 1),
+            "'decoder_layer1.norm1.weight' has shape (17,), the released FaceCoresetNet "
+            "expects shape (16,)",
+        ),
+        (
+            "decoder_layer1.norm1.bias",
+            lambda t: t[0],
+            "'decoder_layer1.norm1.bias' has shape (), the released FaceCoresetNet",
+        ),
+        (
+            "pos_trans_norm.weight",
+            lambda t: t[0],
+            "cannot infer the FaceCoresetNet width: 'pos_trans_norm.weight' must be a vector, "
+            "got ()",
+        ),
+        ("decoder_layer1.self_attn1.in_proj_weight", with_nan, "in_proj_weight' holds NaN or Inf"),
+    ],
+    ids=["wrong_width", "0d", "0d_width_key", "nan"],
+)
+def test_a_checkpoint_tensor_of_the_wrong_shape_or_nan_is_named(
+    tmp_path, capsys, images, modules, key, spoil, problem
+):
+    checkpoint = coreset_checkpoint_with(tmp_path, modules, key, spoil)
+    _fails_learned(tmp_path, capsys, images, "coreset", checkpoint, f"{checkpoint}: ")
+    _fails_learned(tmp_path, capsys, images, "coreset", checkpoint, problem)
+
+
+def test_caface_checkpoint_tensors_are_checked_too(tmp_path, capsys, images, modules):
+    state = modules["caface"].state_dict()
+    for key, spoil, problem in [
+        ("style_maker.cfc", with_nan, "'style_maker.cfc' holds NaN or Inf"),
+        (
+            "fusion_net.clustering_layer.group_token",
+            lambda t: t[0],
+            "'fusion_net.clustering_layer.group_token' must have 3 dimensions, got (",
+        ),
+    ]:
+        torch.save({**state, key: spoil(state[key])}, tmp_path / "w.pt")
+        _fails_learned(tmp_path, capsys, images, "caface", tmp_path / "w.pt", problem)
+
+
+@pytest.mark.parametrize("method", ["coreset", "mean", "caface"])
+def test_an_all_zero_template_is_refused_not_written_as_nan(
+    tmp_path, capsys, images, modules, method
+):
+    features, templates, media, style = images
+    zero = features.copy()
+    zero[templates == 17] = 0
+    argv = ["--method", method, *write_inputs(tmp_path, (zero, templates, media, style), "npz")]
+    if method in modules:
+        checkpoint = write_checkpoint(tmp_path / "w.pt", method, modules[method], "bare")
+        argv += ["--checkpoint", str(checkpoint)]
+    kind = "NaN or Inf" if method == "coreset" else "zero"
+    refused(
+        [*argv, "--out", str(tmp_path / "out.npz")],
+        capsys,
+        tmp_path,
+        f"f.npz: template 17: its fused descriptor is {kind}, a direction cannot be written",
+    )
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, images):
+    features, templates, media, _ = images
+    np.savez(tmp_path / "f.npz", features=features, templates=templates, media=media)
+    (tmp_path / "plain").write_text("a regular file")
+    (tmp_path / "dir.npz").mkdir()
+    (tmp_path / "alias.npz").hardlink_to(tmp_path / "f.npz")
+    base = ["--method", "mean", "--features", str(tmp_path / "f.npz"), "--out"]
+    for out, problem in [
+        ("plain/out.npz", f"cannot write under {tmp_path / 'plain'}, a file, not a directory"),
+        ("plain/sub/out.npz", f"cannot write under {tmp_path / 'plain'}, a file"),
+        ("dir.npz", "the output is an existing directory"),
+        ("f.npz", "the output is an input file; it is never overwritten"),
+        ("alias.npz", "the output is an input file"),
+        ("out.csv", "the output must be .npz or .safetensors"),
+    ]:
+        refused([*base, str(tmp_path / out)], capsys, tmp_path, f"{tmp_path / out}: {problem}")
+
+
+def test_the_output_may_replace_an_earlier_output_and_create_its_directory(tmp_path, images):
+    features, templates, media, _ = images
+    np.savez(tmp_path / "f.npz", features=features, templates=templates, media=media)
+    out = tmp_path / "new" / "dir" / "out.safetensors"
+    args = ["fuse", "--method", "mean", "--no-progress", "--features", str(tmp_path / "f.npz")]
+    assert main([*args, "--out", str(out)]) == 0
+    out.write_bytes(b"an earlier run")
+    assert main([*args, "--out", str(out)]) == 0
+    np.testing.assert_array_equal(read_output(out)[0], np.unique(templates))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("ids", "problem"),
+    [
+        (lambda t: t + 0.5, "templates must be integers, got 3.5 (dtype float64)"),
+        (lambda t: np.where(t == 8, np.nan, t), "templates must be integers, got nan"),
+        (lambda t: t * 1e20, "templates must be integers, got 3e+20 (dtype float64)"),
+        (lambda t: t > 10, "templates must be integers, got dtype bool"),
+        (lambda t: t + 0j, "templates must be integers, got dtype complex128"),
+    ],
+    ids=["fraction", "nan", "too_large", "bool", "complex"],
+)
+def test_template_ids_that_are_not_integers_are_refused(tmp_path, capsys, images, ids, problem):
+    features, templates, media, _ = images
+    np.savez(tmp_path / "f.npz", features=features, templates=ids(templates), media=media)
+    _fails(["--features", str(tmp_path / "f.npz")], capsys, tmp_path, f"f.npz: {problem}")
+
+
+def test_whole_float_ids_are_read_and_fractional_text_ids_refused(tmp_path, capsys, images):
+    features, templates, media, _ = images
+    np.savez(tmp_path / "f.npz", features=features, templates=templates.astype(np.float64))
+    out = tmp_path / "o.npz"
+    argv = ["fuse", "--method", "mean", "--no-progress", "--features", str(tmp_path / "f.npz")]
+    assert main([*argv, "--out", str(out)]) == 0
+    np.testing.assert_array_equal(read_output(out)[0], np.unique(templates))
+    out.unlink()
+    np.save(tmp_path / "f.npy", features)
+    lines = [
+        f"img{i}.jpg {t}.5 {m}\n" for i, (t, m) in enumerate(zip(templates, media, strict=True))
+    ]
+    (tmp_path / "x_face_tid_mid.txt").write_text("".join(lines))
+    argv = [
+        "--features",
+        str(tmp_path / "f.npy"),
+        "--templates",
+        str(tmp_path / "x_face_tid_mid.txt"),
+    ]
+    _fails(argv, capsys, tmp_path, "x_face_tid_mid.txt: template ids must be integers (")
+
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+import numpy as np
+
+savez = np.savez
+
+
+def savez_then_die(file, **arrays):
+    savez(file, **arrays)
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+np.savez = savez_then_die
+from fusedset.cli import main
+
+main(sys.argv[1:])
+"""
+
+
+def test_killed_while_writing_the_output_leaves_no_file(tmp_path, images):
+    """SIGKILL runs no cleanup: only a file that never had a name leaves nothing behind."""
+    import signal
+    import subprocess
+    import sys
+
+    features, templates, media, _ = images
+    work = tmp_path / "work"
+    work.mkdir()
+    np.savez(work / "f.npz", features=features, templates=templates, media=media)
+    before = files_under(work)
+    argv = ["fuse", "--method", "mean", "--no-progress", "--features", str(work / "f.npz")]
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WRITING, *argv, "--out", str(work / "out.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert files_under(work) == before
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "hidden_name"])
+def test_a_write_that_fails_leaves_no_file(tmp_path, capsys, images, monkeypatch, unnamed):
+    """Both ways of writing: the unnamed file, and the hidden temporary name of systems
+    without O_TMPFILE, removed when the write fails."""
+    import fusedset.fuse
+
+    if not unnamed:
+        monkeypatch.setattr(fusedset.fuse, "_unnamed_file", lambda directory: None)
+    features, templates, media, _ = images
+    np.savez(tmp_path / "f.npz", features=features, templates=templates, media=media)
+    argv = ["fuse", "--method", "mean", "--no-progress", "--features", str(tmp_path / "f.npz")]
+    assert main([*argv, "--out", str(tmp_path / "ok.npz")]) == 0
+    np.testing.assert_array_equal(read_output(tmp_path / "ok.npz")[0], np.unique(templates))
+
+    def disk_full(file, **arrays):
+        file.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    refused(
+        [*argv[1:], "--out", str(tmp_path / "out.npz")],
+        capsys,
+        tmp_path,
+        "out.npz: cannot write (No space left on device)",
+    )

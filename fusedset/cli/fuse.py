@@ -50,12 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusedset.data.ijb import style_path
     from fusedset.eval.fusion import get_method
-    from fusedset.fuse import fuse_templates, read_images, write_descriptors
+    from fusedset.fuse import check_output, fuse_templates, read_images, write_descriptors
 
     if get_method(args.method).needs_checkpoint and args.checkpoint is None:
         raise UsageError(f"method {args.method!r} needs --checkpoint")
+    inputs = [args.features, args.templates, args.style, args.checkpoint, style_path(args.features)]
     try:
+        check_output(args.out, inputs)
         images = read_images(args.features, args.templates, args.style)
         templates, descriptors = fuse_templates(
             images, args.method, args.checkpoint, args.chunk, progress=not args.no_progress

@@ -75,8 +75,23 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, Any], model_name: str)
         raise CheckpointKeyError(model_name, missing, unexpected)
 
 
+def check_tensors(model: nn.Module, state_dict: Mapping[str, Any], model_name: str) -> None:
+    """Raises ValueError naming the first entry that is not a tensor of the model's shape, or
+    that holds NaN or Inf (weights that would make every output NaN)."""
+    expected = model.state_dict()
+    for key, value in state_dict.items():
+        shape = tuple(expected[key].shape)
+        if not isinstance(value, torch.Tensor) or value.shape != shape:
+            tensor = isinstance(value, torch.Tensor)
+            got = f"shape {tuple(value.shape)}" if tensor else type(value).__name__
+            raise ValueError(f"{key!r} has {got}, the {model_name} expects shape {shape}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key!r} holds NaN or Inf")
+
+
 def load_checked(model: nn.Module, state_dict: Mapping[str, Any], model_name: str) -> None:
     check_keys(model, state_dict, model_name)
+    check_tensors(model, state_dict, model_name)
     model.load_state_dict(state_dict)
 
 

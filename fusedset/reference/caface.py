@@ -59,16 +59,24 @@ class CAFaceConfig:
         """Everything but the number of attention heads (not visible in any shape; the released
         configurations all use 8) follows from the keys and shapes of a released state dict."""
 
-        def shape(key: str) -> tuple[int, ...]:
+        def shape(key: str, rank: int = 2) -> tuple[int, ...]:
             if key not in state_dict:
                 raise ValueError(
                     f"cannot infer the CAFace configuration: the state dict has no key {key!r}"
                 )
-            return tuple(state_dict[key].shape)
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor) or value.dim() != rank:
+                tensor = isinstance(value, torch.Tensor)
+                got = tuple(value.shape) if tensor else type(value).__name__
+                raise ValueError(
+                    f"cannot infer the CAFace configuration: {key!r} must have {rank} "
+                    f"dimensions, got {got}"
+                )
+            return tuple(value.shape)
 
         block_key = re.compile(r"fusion_net\.clustering_layer\.blocks\.(\d+)\.")
         depth = 1 + max((int(m[1]) for k in state_dict if (m := block_key.match(k))), default=-1)
-        _, num_centers, dim = shape("fusion_net.clustering_layer.group_token")
+        _, num_centers, dim = shape("fusion_net.clustering_layer.group_token", 3)
         style_dim, style_channels = shape("style_maker.linear.weight")
         hidden = shape("fusion_net.clustering_layer.blocks.0.mlp.fc1.weight")[0]
         return cls(

@@ -93,7 +93,14 @@ def infer_embedding_size(state_dict: Mapping[str, torch.Tensor]) -> int:
             "cannot infer the FaceCoresetNet width: the state dict has no key "
             "'pos_trans_norm.weight'"
         )
-    return state_dict["pos_trans_norm.weight"].shape[0]
+    weight = state_dict["pos_trans_norm.weight"]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(
+            f"cannot infer the FaceCoresetNet width: 'pos_trans_norm.weight' must be a vector, "
+            f"got {got}"
+        )
+    return weight.shape[0]
 
 
 class DecoderLayer(nn.Module):

@@ -8,7 +8,7 @@ import fusedset
 from fusedset import reference
 from fusedset.ops import style_pool
 
-from .helpers import DEVICES, RTOL, assert_rel_close, max_rel_error
+from .helpers import CUDA, DEVICES, RTOL, assert_rel_close, max_rel_error
 
 IRESNET_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14), (2, 512, 7, 7)]
 ODD_SHAPES = [(3, 5, 1, 1), (3, 5, 1, 2), (2, 7, 3, 1), (2, 9, 7, 7), (1, 6, 97, 1), (5, 65, 3, 3)]
@@ -110,6 +110,101 @@ def test_stable_where_sum_of_squares_cancels(device, layout):
     s, s2 = x.sum((2, 3)), (x * x).sum((2, 3))
     naive_std = ((s2 - s * s / n) / (n - 1)).clamp_min(0).sqrt()
     assert ((naive_std.double() - expected[..., 1]).abs() / expected[..., 1]).max() > 1e-2
+
+
+# The CUDA kernels' other paths: rows longer than one on-chip chunk (1024 positions), split
+# across blocks when the batch is small (partials merged by a second kernel; backward: partials,
+# merge, dx), walked chunk by chunk in one unit when the batch is large, channel-tile tails.
+CUDA_SPLIT_SHAPES = [(1, 3, 224, 224), (2, 5, 33, 33), (1, 70, 40, 40), (3, 2, 1, 1025)]
+
+
+@CUDA
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUDA_SPLIT_SHAPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cuda_split_rows_match_reference(shape, dtype, layout):
+    x = feature_maps(shape, dtype, layout, "cuda").requires_grad_()
+    out = kernel(x)
+    assert_rel_close(out, truth(x), RTOL[dtype])
+    grad = torch.randn(shape[0], shape[1], 2, device="cuda", dtype=dtype)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert dx.stride() == x.stride()
+    assert_rel_close(dx, expected, RTOL[dtype])
+
+
+@CUDA
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    # Enough rows (contiguous) or channel tiles (channels_last) that long rows are not split.
+    [((8, 1024, 33, 33), "contiguous"), ((512, 64, 33, 33), "channels_last")],
+)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cuda_long_rows_of_large_batches_match_reference(shape, layout):
+    x = feature_maps(shape, torch.float32, layout, "cuda")
+    assert_rel_close(kernel(x), truth(x), RTOL[torch.float32])
+
+
+@CUDA
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 64, 28, 28), (1, 4, 224, 224)])
+def test_cuda_exact_where_sum_of_squares_cancels_and_deterministic(shape, layout):
+    """Split rows too: partials merged across blocks stay exact, and every run gives the same
+    bits (no float atomics; the merge order is fixed)."""
+    x = 1e4 + torch.randn(shape, device="cuda")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    expected = truth(x)
+    out = kernel(x)
+    assert_rel_close(out[..., 0], expected[..., 0], 1e-6)
+    std_err = ((out[..., 1].double() - expected[..., 1]).abs() / expected[..., 1]).max().item()
+    assert std_err < 1e-5
+    grad = torch.randn(shape[0], shape[1], 2, device="cuda")
+    dx = torch.ops.fusedset.style_pool_backward.default(grad, x)
+    x64 = x.double().requires_grad_()
+    (dx64,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert_rel_close(dx, dx64, RTOL[torch.float32])
+    for _ in range(3):
+        assert torch.equal(kernel(x), out)
+        assert torch.equal(torch.ops.fusedset.style_pool_backward.default(grad, x), dx)
+
+
+@CUDA
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(70000, 2, 1, 2), (2, 3, 0, 5), (2, 3, 1, 1)])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cuda_many_rows_and_tiny_rows_follow_torch(shape, layout):
+    """A batch past gridDim.y's 65535 (one flat grid axis); H*W = 0 gives NaN mean and std,
+    H*W = 1 a NaN std, as torch and the CPU kernel do."""
+    x = feature_maps(shape, torch.float32, layout, "cuda").requires_grad_()
+    out = kernel(x)
+    expected = reference.style_pool(x.detach().double())
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert_rel_close(out, expected, RTOL[torch.float32])
+    grad = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert torch.equal(dx.isnan(), dx64.isnan())
+
+
+@CUDA
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_offsets_past_two_to_the_31(layout):
+    """2^31 + 65536 fp16 values: the last channel's offsets need 64 bits."""
+    shape = (1, 2, 32768, 32769)
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of device memory")
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    x[0, 1] += 3
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    out = kernel(x)
+    for c in range(2):
+        std, mean = torch.std_mean(x[0, c].float())
+        assert_rel_close(out[0, c].float(), torch.stack([mean, std]), RTOL[torch.float16])
 
 
 @pytest.mark.parametrize("device", DEVICES)

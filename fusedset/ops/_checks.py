@@ -3,6 +3,7 @@ what it expected."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +45,28 @@ def check_shape(op: str, name: str, value: torch.Tensor, ok: bool, expected: str
     """Raise unless ``ok``: ``value``'s shape must be ``expected``, e.g. "(B, N >= 1, C)"."""
     if not ok:
         raise ValueError(f"{op}: {name} must have shape {expected}, got shape {tuple(value.shape)}")
+
+
+def check_device(op: str, name: str, value: torch.Tensor, first: str, ref: torch.Tensor) -> None:
+    """``value`` must be on ``ref``'s device: a kernel reads every tensor with ``ref``'s device
+    code, so a tensor elsewhere (another GPU, the CPU, meta) would be read as garbage."""
+    if value.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {value.device}, {first} on {ref.device}")
+
+
+def check_real(op: str, name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` must be a finite real number (a Python or NumPy int or float, not a bool or a
+    string), and > 0 when ``positive``; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    # x - x is 0 exactly when x is finite (NaN otherwise). Unlike math.isfinite it also traces
+    # under torch.compile, where a float argument can arrive as a SymFloat.
+    if value - value != 0:
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{op}: {name} must be positive, got {value}")
+    return value
 
 
 def all_finite(value: torch.Tensor) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
-from fusedset.ops._checks import check_shape, check_tensor
+from fusedset.ops._autograd import first_order
+from fusedset.ops._checks import check_device, check_real, check_shape, check_tensor
 
 _OP = "cluster_accumulate"
 _CAFACE = "cluster_accumulate_caface"
@@ -25,8 +26,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_like(op: str, name: str, value: torch.Tensor, first: str, ref: torch.Tensor) -> None:
     if value.dtype != ref.dtype:
         raise TypeError(f"{op}: {name} has dtype {value.dtype}, {first} has {ref.dtype}")
-    if value.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {value.device}, {first} on {ref.device}")
+    check_device(op, name, value, first, ref)
 
 
 def cluster_accumulate(
@@ -41,7 +41,8 @@ def cluster_accumulate(
         keys: (B, N, D) per-image keys.
         queries: (B, M, D), or (1, M, D) shared across the batch; M >= 1.
         values: (B, N, C) per-image values.
-        scale: logit scale, default ``D ** -0.5``.
+        scale: finite logit scale, default ``D ** -0.5`` (1 at D = 0, where every logit is 0
+            whatever the scale: each image spreads its weight evenly over the centers).
         All three share one dtype (float16, bfloat16, float32 or float64) and device; any
         strides (non-contiguous keys or values are copied once).
 
@@ -69,7 +70,7 @@ def cluster_accumulate(
     )
     _check_like(_OP, "queries", queries, "keys", keys)
     _check_like(_OP, "values", values, "keys", keys)
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = reference.default_scale(d) if scale is None else check_real(_OP, "scale", scale)
     if _dispatch.use_reference(_OP, keys.device):
         return reference.cluster_accumulate(keys, queries, values, scale)
     num, den, _ = torch.ops.fusedset.cluster_accumulate.default(keys, queries, values, scale)
@@ -94,7 +95,7 @@ def cluster_accumulate_caface(
         features: (B, N, C) raw identity features F: they enter as ``F / (||F|| + 1e-5)``.
         centers: (M, D) or (B, M, D) folded centers ``W_k^T q_j``.
         center_bias: (M,) or (B, M): ``q_j . b_k``.
-        scale: logit scale (the released model uses ``128 ** -0.5``).
+        scale: finite logit scale (the released model uses ``128 ** -0.5``).
 
     Returns:
         ``feature_num`` (B, M, C) = A F_hat, ``token_num`` (B, M, D) = A x and ``den`` (B, M),
@@ -137,10 +138,11 @@ def cluster_accumulate_caface(
     )
     for name, value in (("features", features), ("centers", centers), ("center_bias", center_bias)):
         _check_like(_CAFACE, name, value, "tokens", tokens)
+    scale = check_real(_CAFACE, "scale", scale)
     if _dispatch.use_reference(_OP, tokens.device):
         return reference.cluster_accumulate_caface(tokens, features, centers, center_bias, scale)
     num, den, token_num = torch.ops.fusedset.cluster_accumulate.default(
-        tokens, queries, features, float(scale), bias, True, True
+        tokens, queries, features, scale, bias, True, True
     )
     return num, token_num, den
 
@@ -176,6 +178,7 @@ if _dispatch.extension_loaded():
         ctx.save_for_backward(keys, queries, values, query_bias)
         ctx.flags = (scale, normalize_values, keys_as_values)
 
+    @first_order(lambda ctx: _CAFACE if ctx.flags[2] else _OP)
     def _backward(ctx, grad_num, grad_den, grad_key_num):
         keys, queries, values, query_bias = ctx.saved_tensors
         scale, normalize_values, keys_as_values = ctx.flags

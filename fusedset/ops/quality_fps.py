@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
-from fusedset.ops._checks import check_tensor
+from fusedset.ops._autograd import first_order
+from fusedset.ops._checks import check_device, check_real, check_tensor
 
 
 def _check_args(
@@ -38,9 +39,10 @@ def _check_args(
                 f"{op}: gamma must be a float or a one-element float tensor, got "
                 f"{gamma.dtype} of shape {tuple(gamma.shape)}"
             )
+        check_device(op, "gamma", gamma, "x", x)
         gamma_t = gamma.reshape(())
     elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
-        gamma_t = torch.tensor(float(gamma), dtype=torch.float64)
+        gamma_t = torch.tensor(check_real(op, "gamma", gamma), dtype=torch.float64)
     else:
         raise TypeError(f"{op}: gamma must be a float or a 0-d tensor, got {type(gamma).__name__}")
     if lengths is not None:
@@ -51,6 +53,7 @@ def _check_args(
             raise ValueError(
                 f"{op}: lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}"
             )
+        check_device(op, "lengths", lengths, "x", x)
     return gamma_t.to(x.device)
 
 
@@ -84,8 +87,7 @@ def quality_fps(
                 f"quality_fps: row_scale must have shape {tuple(x.shape[:2])} to match x, got "
                 f"{tuple(row_scale.shape)}"
             )
-        if row_scale.device != x.device:
-            raise ValueError(f"quality_fps: row_scale is on {row_scale.device}, x on {x.device}")
+        check_device("quality_fps", "row_scale", row_scale, "x", x)
     if _dispatch.use_reference("quality_fps", x.device):
         return reference.quality_fps(x, k, gamma_t, lengths, row_scale)
     return torch.ops.fusedset.quality_fps.default(x, gamma_t, k, lengths, row_scale)
@@ -132,8 +134,8 @@ def quality_fps_select(
         (B, min(k, N), C) in x's dtype; zero rows past a template's valid rows.
     """
     gamma_t = _check_args("quality_fps_select", x, k, gamma, lengths)
-    if not tau > 0:
-        raise ValueError(f"quality_fps_select: tau must be positive, got {tau}")
+    tau = check_real("quality_fps_select", "tau", tau, positive=True)
+    scale = check_real("quality_fps_select", "scale", scale)
     steps = min(k, x.shape[1])
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if noise is None:
@@ -145,10 +147,11 @@ def quality_fps_select(
                 f"quality_fps_select: noise must have shape "
                 f"({x.shape[0]}, {steps}, {x.shape[1]}), got {tuple(noise.shape)}"
             )
+        check_device("quality_fps_select", "noise", noise, "x", x)
     if _dispatch.use_reference("quality_fps_select", x.device):
         return reference.quality_fps_select(x, k, gamma_t, tau, scale, noise, lengths)
     rows, _, _, _ = torch.ops.fusedset.quality_fps_select.default(
-        x, gamma_t, noise, float(scale), float(tau), k, lengths
+        x, gamma_t, noise, scale, tau, k, lengths
     )
     return rows
 
@@ -305,6 +308,7 @@ if _dispatch.extension_loaded():
         ctx.save_for_backward(x, gamma, noise, indices, logits, source)
         ctx.scale, ctx.tau = scale, tau
 
+    @first_order("quality_fps_select")
     def _backward(ctx, grad_rows, *_):
         x, gamma, noise, indices, logits, source = ctx.saved_tensors
         dx, dgamma = select_backward(

@@ -11,13 +11,13 @@ inputs give bitwise the same outputs.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from fusedset import _dispatch, reference
-from fusedset.ops._checks import check_shape, check_tensor
+from fusedset.ops._autograd import first_order
+from fusedset.ops._checks import check_device, check_real, check_shape, check_tensor
 from fusedset.reference._sinusoid import frequency_divisors
 from fusedset.reference.sinusoid_attention_pool import (
     accumulation_dtype,
@@ -101,19 +101,15 @@ def sinusoid_attention_pool(
         check_shape(_OP, "lengths", lengths, lengths.shape == (batch,), f"({batch},)")
         tensors["lengths"] = lengths
     for name, value in tensors.items():
-        if value.device != x.device:
-            raise ValueError(f"{_OP}: {name} is on {value.device}, x on {x.device}")
+        check_device(_OP, name, value, "x", x)
     if lengths is not None and bool(((lengths < 1) | (lengths > n)).any()):
         raise ValueError(
             f"{_OP}: lengths must lie in [1, N = {n}] (a softmax needs at least one row), got "
             f"{lengths.tolist()}"
         )
-    if not math.isfinite(position_scale):
-        raise ValueError(f"{_OP}: position_scale must be finite, got {position_scale}")
-    if not temperature > 0:
-        raise ValueError(f"{_OP}: temperature must be positive, got {temperature}")
-    if not eps > 0:
-        raise ValueError(f"{_OP}: eps must be positive, got {eps}")
+    position_scale = check_real(_OP, "position_scale", position_scale)
+    temperature = check_real(_OP, "temperature", temperature, positive=True)
+    eps = check_real(_OP, "eps", eps, positive=True)
     if _dispatch.use_reference(_OP, x.device):
         return reference.sinusoid_attention_pool(
             x, queries, position_queries, positions, row_scale, lengths, position_scale,
@@ -128,7 +124,7 @@ def sinusoid_attention_pool(
         t is not None and t.requires_grad for t in differentiable
     )
     return torch.ops.fusedset.sinusoid_attention_pool.default(
-        x, queries, position_queries, positions, divisors, float(position_scale), float(eps),
+        x, queries, position_queries, positions, divisors, position_scale, eps,
         row_scale, lengths, not recorded,
     )  # fmt: skip
 
@@ -231,6 +227,7 @@ if _dispatch.extension_loaded():
         ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)], *output)
         ctx.others = [t for t in inputs if not isinstance(t, torch.Tensor)]
 
+    @first_order(_OP)
     def _backward(ctx, grad_pooled, grad_logsumexp):
         *tensors, pooled, logsumexp = ctx.saved_tensors
         tensors, others = iter(tensors), iter(ctx.others)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
+from fusedset.ops._autograd import first_order
 from fusedset.ops._checks import check_tensor
 
 
@@ -40,6 +41,7 @@ if _dispatch.extension_loaded():
         (x,) = inputs
         ctx.save_for_backward(x)
 
+    @first_order("style_pool")
     def _backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return torch.ops.fusedset.style_pool_backward.default(grad, x)

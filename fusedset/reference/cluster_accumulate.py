@@ -5,6 +5,12 @@ import torch
 NORM_EPS = 1e-5
 
 
+def default_scale(d: int) -> float:
+    """``d ** -0.5``, and 1 for d = 0: there every logit is an empty dot product, 0 whatever the
+    scale, so any finite value gives the same (even) assignment."""
+    return d**-0.5 if d > 0 else 1.0
+
+
 def cluster_accumulate(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -15,7 +21,7 @@ def cluster_accumulate(
     composition (matmul, softmax, matmul, sum) in float32 (float64 for float64 inputs)."""
     acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
     if scale is None:
-        scale = keys.shape[-1] ** -0.5
+        scale = default_scale(keys.shape[-1])
     logits = queries.to(acc) @ keys.to(acc).transpose(1, 2) * scale
     assignment = logits.softmax(dim=1)
     return assignment @ values.to(acc), assignment.sum(-1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 
 import pytest
 import torch
@@ -16,6 +18,26 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 # Where tests run the Triton launchers: compiled on a CUDA device when there is one, else in
 # Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 then).
 TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
+
+
+def triton_kernels_or_none(op: str) -> ModuleType | None:
+    """``fusedset.triton_kernels.<op>``, or None without triton (a CPU-only torch): importing
+    it at the top of a test module must not skip the module's other tests. Its test_triton_*
+    tests skip then (tests/conftest.py)."""
+    try:
+        return importlib.import_module(f"fusedset.triton_kernels.{op}")
+    except ImportError:
+        if triton_available():
+            raise
+        return None
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -40,8 +62,8 @@ RTOL = {
 }
 
 
-def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest |actual - expected| relative to the largest |expected| (NaNs must coincide)."""
+def _paired(actual: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """actual and expected in float64, their NaNs (which must coincide) made zeros."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     a = actual.double()
     e = expected.double()
@@ -49,7 +71,12 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert torch.equal(nan_a, nan_e), (
         f"NaN at {nan_a.nonzero()[:5].tolist()} vs {nan_e.nonzero()[:5].tolist()}"
     )
-    a, e = a[~nan_e], e[~nan_e]
+    return a.masked_fill(nan_e, 0), e.masked_fill(nan_e, 0)
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |actual - expected| relative to the largest |expected| (NaNs must coincide)."""
+    a, e = _paired(actual, expected)
     if e.numel() == 0:
         return 0.0
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
@@ -58,6 +85,26 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
     err = max_rel_error(actual, expected)
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+def assert_close_elementwise(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0
+) -> None:
+    """Every element within ``atol + rtol * |expected|`` of its own expected value (NaNs must
+    coincide). For values spanning orders of magnitude, where ``assert_rel_close`` measures
+    every error against the largest value and lets the small ones be wrong unseen; ``atol``
+    is the scale below which values are noise (underflow, cancellation)."""
+    a, e = _paired(actual, expected)
+    error = torch.where(a == e, 0.0, (a - e).abs())  # equal infinities are exact
+    outside = (error > atol + rtol * e.abs()) | (e.isinf() & (a != e))
+    if bool(outside.any()):
+        flat = torch.argmax(error / (atol + rtol * e.abs()).clamp_min(1e-300))
+        worst = tuple(int(i) for i in torch.unravel_index(flat, e.shape))
+        raise AssertionError(
+            f"{int(outside.sum())} of {e.numel()} elements outside {atol:.1e} + {rtol:.1e} * "
+            f"|expected|; the worst, at {worst}: {a[worst].item():.6e} against "
+            f"{e[worst].item():.6e}"
+        )
 
 
 def assert_compiled_matches_reference(

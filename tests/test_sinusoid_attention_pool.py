@@ -21,9 +21,11 @@ from .helpers import (
     assert_compiled_matches_reference,
     assert_rel_close,
     torch_threads,
+    triton_kernels_or_none,
 )
 
-triton_kernels = pytest.importorskip("fusedset.triton_kernels.sinusoid_attention_pool")
+# None without triton: then only the test_triton_* tests skip.
+triton_kernels = triton_kernels_or_none("sinusoid_attention_pool")
 
 TWO_PI = 2 * math.pi
 # Half-precision rows are rounded before the kernels see them; against the float64 truth on the

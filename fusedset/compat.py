@@ -24,7 +24,7 @@ released code would stop at an assert, these raise a ValueError or TypeError nam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -34,15 +34,71 @@ from fusedset.nn.checkpoints import CheckpointSource
 from fusedset.nn.facecoresetnet import FaceCoresetNet, _select_core
 from fusedset.nn.folded_attention import DEFAULT_CHUNK_SIZE
 from fusedset.ops._checks import all_finite
-from fusedset.reference.caface import (
-    CAFaceConfig,
-    ClusterSums,
-    cluster_means,
-    memory_means,
-    merge_chunk,
-)
+from fusedset.reference.caface import COUNT_EPS, CAFaceConfig, ClusterSums, cluster_means
 
-__all__ = ["StyleBasedAggregator", "TemplateAggregateModel"]
+__all__ = ["ReleasedResult", "StyleBasedAggregator", "TemplateAggregateModel"]
+
+_AGGREGATION_KEYS = ("aggregated", "confidence_weight", "conf", "weights")
+
+
+def _running_mean(
+    mean: torch.Tensor, count: torch.Tensor, chunk_mean: torch.Tensor, chunk_count: torch.Tensor
+) -> torch.Tensor:
+    """The released memory update: the means of two parts weighted by their assignment counts
+    (the released code divides by at least COUNT_EPS)."""
+    return (count * mean + chunk_count * chunk_mean) / (count + chunk_count).clamp_min(COUNT_EPS)
+
+
+class ReleasedResult(MutableMapping[str, Any]):
+    """The released result dict, some of whose entries are computed together, by ``compute``,
+    when one of them is first read: a validation loop reads only its last split's result, so
+    the other splits never run what only the result needs (the aggregation network, the
+    assignment map), as a ``fusedset.nn`` stream aggregates once at the end. A deferred entry
+    comes from the call's tensors and the module's parameters as they are when it is read."""
+
+    def __init__(
+        self,
+        values: dict[str, Any],
+        deferred: tuple[str, ...],
+        compute: Callable[[], dict[str, Any]],
+        *,
+        now: bool,
+    ) -> None:
+        self._values = values
+        self._deferred = deferred
+        self._compute: Callable[[], dict[str, Any]] | None = compute
+        if now:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        if self._compute is not None:
+            compute, self._compute = self._compute, None
+            self._values.update(compute())
+
+    def _pending(self) -> list[str]:
+        return [] if self._compute is None else list(self._deferred)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._pending():
+            self._resolve()
+        return self._values[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._resolve()
+        self._values[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self._resolve()
+        del self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._values, *self._pending()])
+
+    def __len__(self) -> int:
+        return len(self._values) + len(self._pending())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 class StyleBasedAggregator(CAFace):
@@ -55,9 +111,11 @@ class StyleBasedAggregator(CAFace):
     Memory, as released: ``memory_count = 0`` starts a new probe; while ``use_memory`` is on and
     ``memory_count > -1``, every call adds its images as one more chunk (each chunk clustered on
     its own) and the result is the fusion of every chunk so far, in the released memory mode's
-    normalization. ``memory_count = -1`` (``reset_memory()``) makes every call independent. The
-    memory holds the chunks' cluster sums; in train mode it keeps their graph, so that a loss on
-    the last chunk's result reaches every chunk, in eval mode it is detached.
+    normalization. ``memory_count = -1`` (``reset_memory()``) makes every call independent.
+    ``memory`` is the released dict: ``attn`` (B, M, 1), each center's assignment summed over
+    the chunks so far, and ``cluster_features``, ``cluster_style``, their F' and S'; in train
+    mode it keeps their graph, so that a loss on the last chunk's result reaches every chunk, in
+    eval mode it is detached.
 
     The released constructor's arguments map onto ``config``: ``intermediate_indim`` is
     ``style_channels`` (384), ``style_dim`` and ``normemb_dim`` are ``style_dim`` and
@@ -83,7 +141,7 @@ class StyleBasedAggregator(CAFace):
     def reset_memory(self) -> None:
         """Memory tracking off and empty, as a freshly built released aggregator."""
         self.memory_count = -1
-        self.memory: ClusterSums | None = None
+        self.memory: dict[str, torch.Tensor] | None = None
 
     def compress_intermediate(self, intermediate: Sequence[torch.Tensor]) -> torch.Tensor:
         """Style statistics of an image batch -> the compact style (..., style_dim), the
@@ -134,7 +192,7 @@ class StyleBasedAggregator(CAFace):
         folded_features: torch.Tensor,
         intermediate: torch.Tensor,
         return_attn: bool = True,
-    ) -> dict[str, Any]:
+    ) -> ReleasedResult:
         """Raw features (B, N, C) and their compact styles (B, N, style_dim) -> the released
         result dict: ``aggregated`` (B, C); ``cluster_feature`` and ``mu`` (B, M, C);
         ``cluster_style`` (B, M, D); ``group_token`` (B, M, D), the centers;
@@ -142,41 +200,61 @@ class StyleBasedAggregator(CAFace):
         times each cluster feature's norm, and ``weights``, ``conf`` normalized over the
         centers; ``attn_dict_list``, whose first dict holds this call's assignment map under
         ``attn`` (and ``hard``, ``soft``), shape (B, 1, M, N), when ``return_attn`` (the map is
-        formed only then)."""
+        formed only then). In eval mode without autograd, the aggregation and the map run when
+        first read (``ReleasedResult``)."""
         self._check_call(folded_features, intermediate, return_attn)
         if self.memory_count < 1:
             self.memory = None
         feature_num, token_num, den, styles = self.embedded_cluster_sums(
             folded_features, intermediate
         )
-        chunk = ClusterSums(feature_num, token_num, den)
-        tracking = self.use_memory and self.memory_count > -1
-        if self.memory is None:
-            cluster_feature, cluster_style = cluster_means(chunk)
-            state = merge_chunk(None, chunk) if tracking else None
-        else:
-            state = merge_chunk(self.memory, chunk)
-            cluster_feature, cluster_style = memory_means(state)
-        if tracking:
+        cluster_feature, cluster_style = cluster_means(ClusterSums(feature_num, token_num, den))
+        count = den[..., None]
+        if self.memory is not None:
+            seen = self.memory["attn"]
+            cluster_feature = _running_mean(
+                self.memory["cluster_features"], seen, cluster_feature, count
+            )
+            cluster_style = _running_mean(self.memory["cluster_style"], seen, cluster_style, count)
+            count = seen + count
+        if self.use_memory and self.memory_count > -1:
             self.memory_count += 1
-            self.memory = state if self.training else ClusterSums(*(s.detach() for s in state))
-        aggregated, confidence = self.aggregate(cluster_feature, cluster_style)
-        conf = confidence * torch.linalg.vector_norm(cluster_feature, dim=-1, keepdim=True)
+            memory = {
+                "attn": count,
+                "cluster_features": cluster_feature,
+                "cluster_style": cluster_style,
+            }
+            if not self.training:
+                memory = {key: value.detach() for key, value in memory.items()}
+            self.memory = memory
+        # Training reads every result (and the parameters change between steps): no deferral.
+        now = self.training or torch.is_grad_enabled()
+
+        def aggregation() -> dict[str, torch.Tensor]:
+            aggregated, confidence = self.aggregate(cluster_feature, cluster_style)
+            conf = confidence * torch.linalg.vector_norm(cluster_feature, dim=-1, keepdim=True)
+            return {
+                "aggregated": aggregated,
+                "confidence_weight": confidence,
+                "conf": conf,
+                "weights": conf / conf.sum(dim=1, keepdim=True),
+            }
+
+        def assignment() -> dict[str, torch.Tensor]:
+            attn = self.assignment_map(styles)[:, None]  # one head, as released
+            return {"attn": attn, "hard": attn, "soft": attn}
+
         attn_dict = {}
         if return_attn:
-            assignment = self.assignment_map(styles)[:, None]  # one head, as released
-            attn_dict = {"attn": assignment, "hard": assignment, "soft": assignment}
-        return {
-            "aggregated": aggregated,
+            attn_dict = ReleasedResult({}, ("attn", "hard", "soft"), assignment, now=now)
+        values = {
             "cluster_feature": cluster_feature,
             "mu": cluster_feature,
             "cluster_style": cluster_style,
             "group_token": self.centers.expand(folded_features.shape[0], -1, -1),
-            "confidence_weight": confidence,
-            "conf": conf,
-            "weights": conf / conf.sum(dim=1, keepdim=True),
             "attn_dict_list": [attn_dict],
         }
+        return ReleasedResult(values, _AGGREGATION_KEYS, aggregation, now=now)
 
     def _check_call(
         self, folded_features: torch.Tensor, intermediate: torch.Tensor, return_attn: bool
@@ -216,12 +294,14 @@ class StyleBasedAggregator(CAFace):
         for arg, value in (("folded_features", folded_features), ("intermediate", intermediate)):
             if not all_finite(value):
                 raise ValueError(f"{name}: {arg} holds NaN or Inf")
-        if self.memory is not None and self.memory_count >= 1 and self.memory.count.shape[0] != b:
-            raise ValueError(
-                f"{name}: folded_features holds {b} probes, but the memory "
-                f"(memory_count = {self.memory_count}) holds {self.memory.count.shape[0]}; set "
-                "memory_count = 0 to start new probes"
-            )
+        if self.memory is not None and self.memory_count >= 1:
+            held = self.memory["attn"].shape[0]
+            if held != b:
+                raise ValueError(
+                    f"{name}: folded_features holds {b} probes, but the memory "
+                    f"(memory_count = {self.memory_count}) holds {held}; set memory_count = 0 "
+                    "to start new probes"
+                )
 
 
 class TemplateAggregateModel(FaceCoresetNet):

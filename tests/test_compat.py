@@ -102,24 +102,46 @@ def test_validation_loop_matches_the_released_memory_mode_after_every_chunk(
     caface_cases, poisoned_outputs
 ):
     """Per template: memory_count = 0, then one call per split; a second template in between
-    must not leak into the next one."""
+    must not leak into the next one. The first pass reads every split's result only after the
+    last split (their aggregation deferred until then), the second as it goes."""
     for case in caface_cases:
         aggregator = StyleBasedAggregator.from_official(case["state_dict"])
         features, compact = case["features"], _compact(aggregator, case["style_stats"])
-        for _ in range(2):
+        for read_late in (True, False):
             aggregator.memory_count = 0
-            start = 0
+            start, results = 0, []
             for calls, (size, expected) in enumerate(
                 zip(case["chunk_sizes"], case["chunk_aggregated"], strict=True), start=1
             ):
                 stop = start + size
-                result = aggregator(features[:, start:stop], compact[:, start:stop])
+                results.append(aggregator(features[:, start:stop], compact[:, start:stop]))
                 start = stop
                 assert aggregator.memory_count == calls
+                if not read_late:
+                    assert_rel_close(results[-1]["aggregated"], expected, RTOL)
+            for result, expected in zip(results, case["chunk_aggregated"], strict=True):
                 assert_rel_close(result["aggregated"], expected, RTOL)
             assert_rel_close(result["cluster_feature"], case["chunk_final_cluster_feature"], RTOL)
             aggregator.memory_count = 0
             aggregator(features[:1, :3] * 2, compact[:1, :3])  # another template
+
+
+def test_result_dict_reads_writes_and_resolves_as_a_dict():
+    aggregator = _random_aggregator()
+    call = _bad_call()
+    with torch.no_grad():
+        deferred = aggregator(**call)
+        assert set(deferred) == DICT_KEYS
+        assert len(deferred) == len(DICT_KEYS)
+        assert set(deferred["attn_dict_list"][0]) == {"attn", "hard", "soft"}
+        deferred["weights"] = "replaced"
+        assert deferred["weights"] == "replaced"
+        del deferred["mu"]
+        assert "mu" not in deferred
+    eager = aggregator(**call)
+    assert eager.keys() == DICT_KEYS
+    assert_rel_close(deferred["aggregated"], eager["aggregated"].detach(), 1e-6)
+    assert "aggregated" in repr(eager)
 
 
 @torch.no_grad()
@@ -202,7 +224,7 @@ def test_training_loop_gradients_match_the_reference():
     compact = _compact(aggregator, stats)
     aggregator.memory_count = 0
     aggregator(features[:, :6], compact[:, :6])
-    assert aggregator.memory.feature.requires_grad
+    assert aggregator.memory["cluster_features"].requires_grad
     fused = aggregator(features[:, 6:], compact[:, 6:])["aggregated"]
     (1 - F.cosine_similarity(fused, target)).sum().backward()
 
@@ -226,7 +248,8 @@ def test_eval_memory_is_detached():
     features, stats = random_set(1, 5)
     aggregator.memory_count = 0
     aggregator(features, _compact(aggregator, stats))
-    assert not aggregator.memory.feature.requires_grad
+    assert set(aggregator.memory) == {"attn", "cluster_features", "cluster_style"}
+    assert not any(value.requires_grad for value in aggregator.memory.values())
 
 
 def _bad_call(**override):

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "ops/cuda/style_pool_kernel.h"
 #include "ops/style_pool_math.h"
@@ -56,12 +57,12 @@ constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
 template <typename acc_t>
 constexpr int kValuesPerThread = kValueRegisters * 4 / static_cast<int>(sizeof(acc_t));
 
-enum class Sink {
-  kStats,          // the unit is a whole row: write (mean, std) to out
-  kPartials,       // write the unit's shifted (mean, m2) to the workspace
-  kGradResident,   // the unit is a whole row in one chunk: write dx from registers
-  kGradFromStats,  // row statistics come from the merge kernel: read the unit again, write dx
-};
+// Where a unit's result goes; a type each, so that compiled variants read as
+// "style_pool_contiguous_kernel<float, float, ToStats>".
+struct ToStats {};        // the unit is a whole row: write (mean, std) to out
+struct ToPartials {};     // write the unit's shifted (mean, m2) to the workspace
+struct GradResident {};   // the unit is a whole row in one chunk: write dx from registers
+struct GradFromStats {};  // row statistics come from the merge kernel: read the unit again
 
 template <typename acc_t>
 struct Moments {
@@ -200,7 +201,7 @@ unsigned grid_for(int64_t blocks) {
 
 // ---- contiguous: a row is n consecutive values; lane l of a warp reads positions l + 32 k.
 
-template <typename scalar_t, typename acc_t, Sink kSink>
+template <typename scalar_t, typename acc_t, typename Sink>
 __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlockThreads)
     style_pool_contiguous_kernel(const scalar_t* __restrict__ x, int64_t units, int64_t splits,
                                  int64_t span, int64_t n, const scalar_t* __restrict__ grad,
@@ -218,7 +219,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlo
     const int64_t end = std::min(n, begin + span);
     const scalar_t* src = x + row * n;
     acc_t v[kPer];
-    if constexpr (kSink == Sink::kGradFromStats) {
+    if constexpr (std::is_same_v<Sink, GradFromStats>) {
       const acc_t ref =
           __shfl_sync(0xffffffffu, lane == 0 ? static_cast<acc_t>(src[0]) : acc_t(0), 0);
       const RowGrad<acc_t> d = row_grad(grad, row, row_stats[2 * row], row_stats[2 * row + 1], n);
@@ -242,11 +243,11 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlo
         m = combine(m, thread_moments(v, count));
       }
       m = warp_combine(m, lane);
-      if constexpr (kSink == Sink::kStats) {
+      if constexpr (std::is_same_v<Sink, ToStats>) {
         if (lane == 0) {
           write_stats(out, row, ref, m.mean, m.m2, n);
         }
-      } else if constexpr (kSink == Sink::kPartials) {
+      } else if constexpr (std::is_same_v<Sink, ToPartials>) {
         if (lane == 0) {
           partials[2 * unit] = m.mean;
           partials[2 * unit + 1] = m.m2;
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlo
 // ---- channels_last: per image an (H*W, C) matrix; a block reads kChannels adjacent channels
 // (threadIdx.x) of kRows positions (threadIdx.y) at a time.
 
-template <typename scalar_t, typename acc_t, Sink kSink, int kChannels, int kRows>
+template <typename scalar_t, typename acc_t, typename Sink, int kChannels, int kRows>
 __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannels * kRows))
     style_pool_channels_last_kernel(const scalar_t* __restrict__ x, int64_t units,
                                     int64_t splits, int64_t span, int64_t n, int64_t channels,
@@ -290,7 +291,7 @@ __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannel
     const int64_t row = b * channels + c;
     const scalar_t* src = x + b * n * channels + c;
     acc_t v[kPer];
-    if constexpr (kSink == Sink::kGradFromStats) {
+    if constexpr (std::is_same_v<Sink, GradFromStats>) {
       // One thread per channel reads its first value.
       if (tr == 0 && active) {
         s_ref[tc] = static_cast<acc_t>(src[0]);
@@ -330,11 +331,11 @@ __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannel
         total = combine(total, Moments<acc_t>{s_count[r][tc], s_mean[r][tc], s_m2[r][tc]});
       }
       if (active) {
-        if constexpr (kSink == Sink::kStats) {
+        if constexpr (std::is_same_v<Sink, ToStats>) {
           if (tr == 0) {
             write_stats(out, row, ref, total.mean, total.m2, n);
           }
-        } else if constexpr (kSink == Sink::kPartials) {
+        } else if constexpr (std::is_same_v<Sink, ToPartials>) {
           if (tr == 0) {
             partials[2 * (row * splits + unit % splits)] = total.mean;
             partials[2 * (row * splits + unit % splits) + 1] = total.m2;
@@ -411,20 +412,20 @@ struct Launcher {
     return n <= (layout == StylePoolLayout::kContiguous ? kWarp : kResidentRows) * kPer;
   }
 
-  template <Sink kSink>
+  template <typename Sink>
   void run(const Units& u, const scalar_t* grad, const acc_t* row_stats, scalar_t* out,
            acc_t* partials) const {
     if (layout == StylePoolLayout::kContiguous) {
       const int64_t count = rows * u.splits;
-      style_pool_contiguous_kernel<scalar_t, acc_t, kSink>
+      style_pool_contiguous_kernel<scalar_t, acc_t, Sink>
           <<<grid_for((count + kWarpsPerBlock - 1) / kWarpsPerBlock), kWarpBlockThreads, 0,
              stream>>>(src, count, u.splits, u.span, n, grad, row_stats, out, partials);
     } else {
-      constexpr bool kResident = kSink == Sink::kGradResident;
+      constexpr bool kResident = std::is_same_v<Sink, GradResident>;
       constexpr int kChannels = kResident ? kResidentChannels : kSplitChannels;
       constexpr int kRows = kResident ? kResidentRows : kSplitRows;
       const int64_t count = batch * tiles(kChannels) * u.splits;
-      style_pool_channels_last_kernel<scalar_t, acc_t, kSink, kChannels, kRows>
+      style_pool_channels_last_kernel<scalar_t, acc_t, Sink, kChannels, kRows>
           <<<grid_for(count), dim3(kChannels, kRows), 0, stream>>>(
               src, count, u.splits, u.span, n, channels, grad, row_stats, out, partials);
     }
@@ -448,18 +449,18 @@ struct Launcher {
   void forward(scalar_t* out) const {
     const Units u = units();
     if (u.splits == 1) {
-      run<Sink::kStats>(u, nullptr, nullptr, out, nullptr);
+      run<ToStats>(u, nullptr, nullptr, out, nullptr);
       return;
     }
     const at::Tensor partials = workspace(rows * u.splits);
     acc_t* p = partials.mutable_data_ptr<acc_t>();
-    run<Sink::kPartials>(u, nullptr, nullptr, nullptr, p);
+    run<ToPartials>(u, nullptr, nullptr, nullptr, p);
     merge<true>(u, p, out, nullptr);
   }
 
   void backward(const scalar_t* grad, scalar_t* dx) const {
     if (resident()) {
-      run<Sink::kGradResident>(Units{1, n}, grad, nullptr, dx, nullptr);
+      run<GradResident>(Units{1, n}, grad, nullptr, dx, nullptr);
       return;
     }
     const Units u = units();
@@ -467,9 +468,9 @@ struct Launcher {
     const at::Tensor stats = workspace(rows);
     acc_t* p = partials.mutable_data_ptr<acc_t>();
     acc_t* s = stats.mutable_data_ptr<acc_t>();
-    run<Sink::kPartials>(u, nullptr, nullptr, nullptr, p);
+    run<ToPartials>(u, nullptr, nullptr, nullptr, p);
     merge<false>(u, p, nullptr, s);
-    run<Sink::kGradFromStats>(u, grad, s, dx, nullptr);
+    run<GradFromStats>(u, grad, s, dx, nullptr);
   }
 };
 

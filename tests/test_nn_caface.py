@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fusedset.nn import CAFace, CheckpointKeyError
 from fusedset.reference import CAFaceConfig, CAFaceReference, style_pool
 
-from .helpers import assert_rel_close
+from .helpers import assert_close_elementwise, assert_rel_close
 
 RTOL = 1e-4  # the drop-in bar of issue 5, fp32
 ONE_SHOT = ["aggregated", "cluster_feature", "cluster_style", "confidence_weight", "assignment"]
@@ -91,6 +91,8 @@ def test_matches_the_reference_module(confidence_dim):
         out = model.details(features, stats)
     for name in ONE_SHOT:
         assert_rel_close(getattr(out, name), getattr(expected, name), RTOL)
+    # Assignment weights span eight orders of magnitude, positive: each one to RTOL of itself.
+    assert_close_elementwise(out.assignment, expected.assignment, RTOL)
 
 
 @pytest.mark.parametrize("normalization", ["official", "paper"])

@@ -716,12 +716,143 @@ def run(workloads: Sequence[Workload], arch: int, log=print) -> list[Row]:
 # ----------------------------------------------------------------------------- CUDA C++
 
 
+# style_pool's launch geometry, mirrored from csrc/ops/cuda/style_pool_kernel.cu (its constants
+# and its host plan): a row's H*W values are cut into chunks held in registers, and the chunks
+# into splits when there are too few rows to give the GPU TARGET_WARPS warps of work.
+STYLE_WARP_BLOCK = 256  # kWarp * kWarpsPerBlock threads: a warp per row (contiguous)
+STYLE_SPLIT_TILE = (32, 8)  # kSplitChannels x kSplitRows (channels_last)
+STYLE_RESIDENT_TILE = (16, 32)  # kResidentChannels x kResidentRows (channels_last backward)
+STYLE_VALUES_PER_THREAD = 32  # kValueRegisters 32-bit registers of values (fp32)
+STYLE_TARGET_WARPS = 8192
+STYLE_SHAPES = ((256, 128, 28, 28), (1, 64, 224, 224))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def style_pool_launches(shape, layout: str, backward: bool, size: int = 4):
+    """[(kernel, sink, grid, threads, bytes loaded, bytes stored)] of one style_pool call on a
+    float32 (size 4) tensor of ``shape``, and its floor."""
+    b, c, h, w = shape
+    rows, n = b * c, h * w
+    x = rows * n * size
+    per = STYLE_VALUES_PER_THREAD
+    if layout == "contiguous":
+        kernel, chunk, groups, unit = "style_pool_contiguous_kernel", 32 * per, rows, 1
+        threads = resident_threads = STYLE_WARP_BLOCK
+        resident_grid = _cdiv(rows, STYLE_WARP_BLOCK // 32)
+    else:
+        channels, tile_rows = STYLE_SPLIT_TILE
+        kernel, chunk = "style_pool_channels_last_kernel", tile_rows * per
+        groups, unit = b * _cdiv(c, channels), tile_rows
+        threads = channels * tile_rows
+        resident_grid = b * _cdiv(c, STYLE_RESIDENT_TILE[0])
+        resident_threads = STYLE_RESIDENT_TILE[0] * STYLE_RESIDENT_TILE[1]
+    chunks = max(1, _cdiv(n, chunk))
+    wanted = min(max(_cdiv(STYLE_TARGET_WARPS, groups * unit), 1), chunks)
+    splits = _cdiv(chunks, _cdiv(chunks, wanted))
+
+    def units(s):
+        return _cdiv(rows * s, STYLE_WARP_BLOCK // 32) if layout == "contiguous" else groups * s
+
+    merge_grid = _cdiv(rows, STYLE_WARP_BLOCK // 32)
+    # Each split also reads its row's first element, the shift of its values.
+    partials = (kernel, "ToPartials", units(splits), threads, x + rows * (splits - 1) * size,
+                2 * rows * splits * size)  # fmt: skip
+    if not backward:
+        floor = x + 2 * rows * size
+        if splits == 1:
+            return [(kernel, "ToStats", units(1), threads, x, 2 * rows * size)], floor
+        merge = ("style_pool_merge_kernel", "true", merge_grid, STYLE_WARP_BLOCK,
+                 2 * rows * splits * size + rows * size, 2 * rows * size)  # fmt: skip
+        return [partials, merge], floor
+    floor = 2 * x + 2 * rows * size
+    if n <= 32 * per:  # the row stays in registers between its statistics and dx
+        return [(kernel, "GradResident", resident_grid, resident_threads, x + 2 * rows * size,
+                 x)], floor  # fmt: skip
+    merge = ("style_pool_merge_kernel", "false", merge_grid, STYLE_WARP_BLOCK,
+             2 * rows * splits * size, 2 * rows * size)  # fmt: skip
+    grad = (kernel, "GradFromStats", units(splits), threads,
+            x + rows * splits * 5 * size, x)  # fmt: skip
+    return [partials, merge, grad], floor
+
+
+def _style_variant(kernel: str, sink: str) -> str:
+    return f"{kernel}<{sink}>"
+
+
 def cuda_workloads() -> list[Workload]:
-    return []
+    out = []
+    for backward in (False, True):
+        for shape in STYLE_SHAPES:
+            for layout in ("contiguous", "channels_last"):
+
+                def launches(b, n, shape=shape, layout=layout, backward=backward):
+                    return style_pool_launches(shape, layout, backward)
+
+                def plan(b, n, launches=launches):
+                    return [
+                        Launch(_style_variant(k, sink), "float32", (grid,))
+                        for k, sink, grid, *_ in launches(b, n)[0]
+                    ]
+
+                def analytic(b, n, launches=launches):
+                    moved = {}
+                    for k, sink, _, _, loaded, stored in launches(b, n)[0]:
+                        moved[_style_variant(k, sink)] = loaded + stored
+                    return moved, 0
+
+                out.append(
+                    Workload(
+                        "style_pool_backward" if backward else "style_pool",
+                        "backward" if backward else "forward",
+                        f"{layout} {'x'.join(map(str, shape))}",
+                        lambda b, n, launches=launches: launches(b, n)[1],
+                        plan,
+                        1.05,
+                        analytic=analytic,
+                        sizes=[(shape[0], shape[2] * shape[3])],
+                    )
+                )
+    return out
 
 
 def cuda_resources(workloads: Sequence[Workload], arch: int) -> dict[tuple[str, str], Resources]:
-    return {}
+    """Registers and shared memory of the CUDA C++ kernels compiled into fusedset._C (float
+    variants), with their block sizes from the launch geometry."""
+    wanted = [w for w in workloads if w.analytic is not None]
+    if not wanted:
+        return {}
+    from fusedset.tools.compile_check import extension_rows
+
+    compiled = [r for r in extension_rows([arch]) if r.variant.startswith("<float, float")]
+    if not compiled:
+        raise RuntimeError(
+            "gpu_model: fusedset._C has no CUDA C++ kernels for the style_pool rows: build "
+            "it with CUDA (FUSEDSET_BUILD_CUDA=1, see the README)"
+        )
+    out = {}
+    for shape in STYLE_SHAPES:
+        for layout in ("contiguous", "channels_last"):
+            for backward in (False, True):
+                for kernel, sink, _, threads, _, _ in style_pool_launches(shape, layout, backward)[
+                    0
+                ]:
+                    key = sink.lower() if kernel == "style_pool_merge_kernel" else sink
+                    match = [r for r in compiled if r.kernel == kernel and key in r.variant]
+                    if layout == "channels_last" and kernel != "style_pool_merge_kernel":
+                        tile = STYLE_RESIDENT_TILE if sink == "GradResident" else STYLE_SPLIT_TILE
+                        match = [r for r in match if f"{tile[0]}, {tile[1]}" in r.variant]
+                    if len(match) != 1:
+                        raise RuntimeError(
+                            f"gpu_model: no single compiled {kernel} for {sink} in fusedset._C "
+                            f"(found {[r.variant for r in match]})"
+                        )
+                    out[_style_variant(kernel, sink), "float32"] = Resources(
+                        match[0].registers, match[0].shared_bytes, threads // 32
+                    )
+    return out
 
 
 # ----------------------------------------------------------------------------- output

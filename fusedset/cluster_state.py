@@ -27,7 +27,8 @@ class ClusterState:
     ``num = sum_t A_t V_t`` and ``den = sum_t rowsum(A_t)`` give the paper's ``num / den``
     (Eq. 7-8); ``clipped_num = sum_t min(rowsum(A_t), 1) A_t V_t`` gives the released code's
     memory mode, ``clipped_num / den``. An optional second value stream (CAFace's tokens, for
-    S') is kept the same way. The first update fixes the shapes, dtype and device.
+    S') is kept the same way. The first update fixes the shapes, dtype and device. A state has
+    no lock: threads sharing one need their own (``CAFaceStream`` holds one).
     """
 
     def __init__(self) -> None:

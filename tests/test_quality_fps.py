@@ -582,10 +582,19 @@ def triton_select():
     return select
 
 
+@pytest.fixture
+def triton_kernels():
+    pytest.importorskip("triton")
+    from fusedset.triton_kernels import quality_fps
+
+    return quality_fps
+
+
 TRITON_SHAPES = [(2, 1, 8, 3), (3, 5, 7, 5), (2, 40, 33, 3), (1, 150, 16, 4)]
+PATHS = pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
 
 
-@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+@PATHS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -613,14 +622,14 @@ def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
 
 
 # numpy, under the interpreter, warns on the arithmetic of the non-finite row before the kernel
-# names it.
+# flags it.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+@PATHS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype, on_chip):
     """Zero and negative scales included; a NaN scale past a template's length changes nothing,
-    a non-finite one in a valid row is named."""
+    a non-finite one in a valid row fails the call."""
     b, n, c, k = shape
     directions, scale = directions_and_scales(b, n, c, seed=n + c)
     directions = directions.to(dtype)
@@ -631,11 +640,11 @@ def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype
         got, _, _ = triton_select(directions, gamma, k, lengths, on_chip=on_chip, row_scale=scale)
         assert torch.equal(got, kernel(directions, k, gamma, lengths, scale))
     scale[0, n // 2] = float("inf")
-    with pytest.raises(ValueError, match=rf"quality_fps: x\[0, {n // 2}\] is not finite"):
+    with pytest.raises(RuntimeError, match=NOT_FINITE):
         triton_select(directions, gamma, k, lengths, on_chip=on_chip, row_scale=scale)
 
 
-@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+@PATHS
 def test_triton_matches_released_facecoresetnet(triton_select, fixtures_dir, on_chip):
     data = torch.load(fixtures_dir / "facecoresetnet_official.pt", weights_only=True)
     for case in data["cases"]:
@@ -645,7 +654,11 @@ def test_triton_matches_released_facecoresetnet(triton_select, fixtures_dir, on_
         assert torch.equal(idx, case["selected_indices"])
 
 
-@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "global"])
+NOT_FINITE = r"quality_fps: x has a row that is not finite \(NaN or inf in a valid row\)"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@PATHS
 def test_triton_ties_zero_rows_and_nan(triton_select, on_chip):
     gamma = torch.tensor(1.0, dtype=torch.float64)
     x = features((1, 7, 8))
@@ -657,23 +670,231 @@ def test_triton_ties_zero_rows_and_nan(triton_select, on_chip):
     assert idx[0, -3:].tolist() == [5, 6, 3]
     assert torch.equal(idx, reference.quality_fps(x, 7, gamma))
     x[0, 4, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"quality_fps: x\[0, 4\] is not finite"):
+    with pytest.raises(RuntimeError, match=NOT_FINITE):
         triton_select(x, gamma, 3, on_chip=on_chip)
+    noise = noise_for(x, 3)
+    with pytest.raises(RuntimeError, match=NOT_FINITE.replace("quality_fps", "quality_fps_select")):
+        triton_select(x, gamma, 3, noise=noise, record=True, on_chip=on_chip)
 
 
-def test_triton_ties_across_blocks_and_pick_chunks(triton_select, monkeypatch):
-    """Equal scores in different sweep blocks, and in different chunks of the pick reduction
-    (shrunk so 600 rows span three): the lowest index wins, as in one sequential scan."""
-    from fusedset.triton_kernels import quality_fps as kernels
+@pytest.fixture
+def reversed_programs(monkeypatch):
+    """Programs of a launch run last to first in the interpreter, so the program that arrives
+    last at a template's counter is the first one of its rows."""
+    from triton.runtime import interpreter
 
-    monkeypatch.setattr(kernels, "PICK_BLOCK", 4)
-    x = features((1, 600, 4))
+    grid = {}
+    builder = interpreter.InterpreterBuilder
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def record_dim(self, nx, ny, nz):
+        grid["dims"] = (nx, ny, nz)
+        return set_dim(self, nx, ny, nz)
+
+    def reverse_idx(self, x, y, z):
+        nx, ny, nz = grid["dims"]
+        return set_idx(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    monkeypatch.setattr(builder, "set_grid_dim", record_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", reverse_idx)
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_triton_ties_across_programs(triton_kernels, monkeypatch, request, order):
+    """Equal scores in different programs of a template, the partials of more programs than one
+    chunk of the reduction holds (shrunk to 4), templates folded into one grid axis, and the
+    programs run in either order: the lowest index wins, as in one sequential scan, with the
+    same bits."""
+    from dataclasses import replace
+
+    if order == "reversed":
+        request.getfixturevalue("reversed_programs")
+    variant = triton_kernels._variant
+    monkeypatch.setattr(
+        triton_kernels,
+        "_variant",
+        lambda launch: replace(variant(launch), constexprs={**variant(launch).constexprs,
+                                                            "PICK_BLOCK": 4}),
+    )  # fmt: skip
+    block = triton_kernels.SWEEP_BLOCK_N
+    n = 10 * block - 3
+    assert triton_kernels._sweep_split(2, n)[0] == 10
+    generator = torch.Generator().manual_seed(5)
+    x = features((2, n, 4), generator=generator)
     v = x[0, 0] / x[0, 0].norm()
-    x[0, [5, 300, 590]] = 10 * v
-    x[0, [100, 400]] = -5 * v
+    for b in range(2):
+        x[b, [5 + b, 2 * block, n - 10]] = 10 * v
+        x[b, [block + 1, n - block]] = -5 * v
     gamma = torch.tensor(1.0, dtype=torch.float64)
     expected = reference.quality_fps(x, 3, gamma)
-    assert expected[0, :2].tolist() == [5, 100]
-    idx, _, _ = triton_select(x, gamma, 3, on_chip=False)
+    assert expected[:, :2].tolist() == [[5, block + 1], [6, block + 1]]
+    noise = torch.zeros(2, 3, n)
+    idx, logits, source = triton_kernels.select(x, gamma, 3, noise=noise, record=True)
     assert torch.equal(idx, expected)
-    assert torch.equal(kernel(x, 3, gamma), expected)
+    again = triton_kernels.select(x, gamma, 3, noise=noise, record=True)
+    for first, second in zip((idx, logits, source), again, strict=True):
+        assert torch.equal(first, second)  # deterministic: bit for bit
+
+
+@PATHS
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_lengths_strided_zero_and_clamped(triton_select, on_chip):
+    """A strided lengths view is read with its stride (not as the rows of the next template);
+    a template of length 0 selects nothing."""
+    x = features((3, 40, 12))
+    gamma = torch.tensor(0.5, dtype=torch.float64)
+    lengths = torch.tensor([40, 99, 0, 99, 17, 99])[::2]
+    assert not lengths.is_contiguous()
+    idx, _, _ = triton_select(x, gamma, 4, lengths, on_chip=on_chip)
+    assert torch.equal(idx, reference.quality_fps(x, 4, gamma, lengths.contiguous()))
+    assert (idx[1] == -1).all()
+    assert (idx[2] >= 0).all()
+    assert (idx[2] < 17).all()
+    int32, _, _ = triton_select(x, gamma, 4, lengths.int(), on_chip=on_chip)
+    assert torch.equal(int32, idx)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@PATHS
+@pytest.mark.parametrize(
+    ("lengths", "gamma", "message"),
+    [
+        ([5, 6], 1.0, r"quality_fps: lengths must lie in \[0, N = 5\]"),
+        ([-1, 5], 1.0, r"quality_fps: lengths must lie in \[0, N = 5\]"),
+        ([5, 5], float("nan"), r"quality_fps: gamma must be finite"),
+        (None, float("inf"), r"quality_fps: gamma must be finite"),
+    ],
+)
+def test_triton_bad_lengths_and_gamma_fail_without_a_sync(
+    triton_select, on_chip, lengths, gamma, message
+):
+    x = features((2, 5, 4))
+    lengths = None if lengths is None else torch.tensor(lengths)
+    with pytest.raises(RuntimeError, match=message):
+        triton_select(x, torch.tensor(gamma, dtype=torch.float64), 3, lengths, on_chip=on_chip)
+
+
+def test_triton_checks_without_rows(triton_select):
+    x = torch.zeros(2, 0, 4)
+    gamma = torch.tensor(1.0, dtype=torch.float64)
+    idx, _, _ = triton_select(x, gamma, 3, torch.tensor([0, 0]))
+    assert idx.shape == (2, 0)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, N = 0\]"):
+        triton_select(x, gamma, 3, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"gamma must be finite"):
+        triton_select(x, torch.tensor(float("nan"), dtype=torch.float64), 3)
+
+
+def _launches(kernels, call):
+    """The (kernel, grid, constexprs and options) of every Triton launch ``call`` makes."""
+    from triton.runtime import interpreter
+
+    seen = []
+    original = interpreter.GridExecutor.__call__
+
+    def record(self, *args, **kwargs):
+        seen.append((self.fn.__name__, tuple(self.grid), kwargs))
+        return original(self, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = record
+    try:
+        call()
+    finally:
+        interpreter.GridExecutor.__call__ = original
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "k", "dtype", "record", "scaled"),
+    [
+        (2, 1, 3, torch.float32, False, False),
+        (3, 40, 5, torch.float16, True, False),
+        (1, 256, 2, torch.bfloat16, False, True),
+        (2, 257, 3, torch.float64, False, False),
+        (1, 700, 3, torch.float32, True, False),
+        (2, 300, 1, torch.float32, False, True),
+    ],
+)
+def test_triton_launches_exactly_its_plan(triton_kernels, b, n, k, dtype, record, scaled):
+    x = features((b, n, 6), dtype)
+    gamma = torch.tensor(0.5, dtype=torch.float64)
+    noise = noise_for(x, k) if record else None
+    row_scale = torch.rand(b, n) + 0.5 if scaled else None
+    seen = _launches(
+        triton_kernels,
+        lambda: triton_kernels.select(x, gamma, k, noise=noise, record=record, row_scale=row_scale),
+    )
+    plan = triton_kernels.select_plan(b, n, 6, k, dtype, record, scaled)
+    assert [(name, grid) for name, grid, _ in seen] == [(p.kernel, p.grid) for p in plan]
+    for launch, (_, _, kwargs) in zip(plan, seen, strict=True):
+        variant = triton_kernels._variant(launch)
+        expected = {**variant.constexprs, **variant.options}
+        assert {key: kwargs[key] for key in expected} == expected
+        assert set(kwargs) == set(expected)
+
+
+@pytest.mark.parametrize("b", [1, 32])
+def test_triton_plan_fills_the_gpu_in_one_wave_and_folds_the_grid(triton_kernels, b):
+    for n in (16384, 65536, 1_048_576, 5_000_000):
+        (first, *rest) = triton_kernels.select_plan(b, n, 512, 3, torch.float32, False, False)
+        assert len(rest) == 2
+        assert [launch.grid for launch in rest] == [first.grid] * 2
+        (programs,) = first.grid
+        assert programs >= 132 or b > 1
+        assert programs <= triton_kernels.SWEEP_SLOTS
+    (launch,) = triton_kernels.select_plan(70000, 200, 512, 3, torch.float32, False, False)
+    assert launch.grid == (70000,)
+    (launch, *_) = triton_kernels.select_plan(70000, 5000, 512, 3, torch.float32, False, False)
+    assert launch.grid == (70000,)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@PATHS
+@pytest.mark.parametrize("record", [False, True], ids=["indices", "recording"])
+def test_triton_never_waits_for_the_device(triton_select, on_chip, record):
+    """No .item(), nonzero(), .tolist() or .cpu() outside the kernels (the interpreter's own
+    copies in and out of a launch aside): the launcher can be captured in a CUDA graph."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    syncs = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2"}
+    inside = []
+    original = interpreter.GridExecutor.__call__
+
+    def launch(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    class NoSync(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            assert inside or name not in syncs, f"{name} outside the kernels"
+            return func(*args, **(kwargs or {}))
+
+    x = features((2, 200, 8))
+    gamma = torch.tensor(0.5, dtype=torch.float64)
+    noise = noise_for(x, 3) if record else None
+    lengths = torch.tensor([200, 17])
+    interpreter.GridExecutor.__call__ = launch
+    try:
+        with NoSync():
+            triton_select(x, gamma, 3, lengths, noise=noise, record=record, on_chip=on_chip)
+        x[1, 3] = float("nan")
+        with NoSync(), pytest.raises(RuntimeError, match="is not finite"):
+            triton_select(x, gamma, 3, lengths, noise=noise, record=record, on_chip=on_chip)
+    finally:
+        interpreter.GridExecutor.__call__ = original
+
+
+def test_triton_select_rejects_a_mode_without_its_inputs(triton_select):
+    x = features((1, 5, 4))
+    gamma = torch.tensor(0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="the recording mode takes noise"):
+        triton_select(x, gamma, 3, record=True)
+    with pytest.raises(ValueError, match="row_scale is for the plain mode only"):
+        triton_select(x, gamma, 3, noise=noise_for(x, 3), record=True, row_scale=torch.ones(1, 5))
+    with pytest.raises(ValueError, match="the on-chip path holds at most 256 rows, got 257"):
+        triton_select(torch.ones(1, 257, 4), gamma, 3, on_chip=True)

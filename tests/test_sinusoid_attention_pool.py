@@ -20,6 +20,7 @@ from .helpers import (
     RTOL,
     assert_compiled_matches_reference,
     assert_rel_close,
+    max_rel_error,
     torch_threads,
     triton_kernels_or_none,
 )
@@ -216,6 +217,164 @@ def test_triton_rejects_too_many_queries():
     x, q, g, pos, _ = problem(1, 4, 8, 65, 4)
     with pytest.raises(ValueError, match=r"R <= 64, got R = 65"):
         triton_kernels.forward(x, q, g, pos, divisors_for(4), TWO_PI, 1e-5)
+
+
+# ---------------------------------------------------------------- C++ backward
+
+# Relative error of the backward kernel's gradients against the float64 truth: the half-precision
+# row gradients are rounded to their dtype.
+GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_NAMES = ("x", "queries", "position_queries", "positions", "row_scale")
+
+
+def cpp_backward(inputs, lengths=None, series=False, mask=(True,) * 5, seed=1):
+    """The backward kernel itself for output gradients drawn from seed, after the C++ forward;
+    also returns those output gradients."""
+    x, q, g, pos, scale = inputs
+    divisors = divisors_for(g.shape[-1], torch.float64 if x.dtype == torch.float64 else None)
+    args = (x, q, g, pos, divisors, TWO_PI, 1e-5, scale, lengths, series)
+    pooled, lse = cpp(*args)
+    generator = torch.Generator().manual_seed(seed)
+    grad_pooled = torch.randn(pooled.shape, generator=generator, dtype=pooled.dtype)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=lse.dtype)
+    grads = torch.ops.fusedset.sinusoid_attention_pool_backward.default(
+        grad_pooled, grad_lse, pooled, lse, *args, list(mask)
+    )
+    return grads, (grad_pooled, grad_lse)
+
+
+def truth_grads(inputs, output_grads, lengths=None):
+    """The reference's autograd gradients in float64 on the same (rounded) inputs, its angles
+    valued from the float32 positions as the float32 kernels form them (derivative exact)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    x, q, g, pos, scale = leaves
+    divisors = divisors_for(g.shape[-1], torch.float64)
+    rows = x, pos, scale
+    if lengths is not None:
+        rows = zero_padding(torch.arange(x.shape[1]) < lengths[:, None], *rows)
+    angles = code_angles(rows[1], TWO_PI, divisors)
+    rounded = code_angles(rows[1].float(), TWO_PI, divisors.float()).double()
+    angles = angles + (rounded - angles).detach()
+    values, scores = attention_scores(rows[0], q, g, angles, rows[2], 1e-5)
+    outputs = softmax_pool(values, scores, lengths)
+    used = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(outputs, used, [t.double() for t in output_grads]))
+    return [None if t is None else next(grads) for t in leaves]
+
+
+def check_grads(grads, expected, dtypes, rtol):
+    for name, got, want, dtype in zip(GRAD_NAMES, grads, expected, dtypes, strict=True):
+        assert got.dtype == dtype, name
+        assert max_rel_error(got, want) <= rtol, (name, max_rel_error(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# N = 1; a block's tail; several tasks with a tail, the second template's end inside a task.
+@pytest.mark.parametrize("n", [1, 129, 2049])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_backward_matches_reference(n, dtype):
+    inputs = problem(2, n, 40, 24, 64, dtype)
+    lengths = torch.tensor([n, min(n, n // 3 + 5)])
+    grads, output_grads = cpp_backward(inputs, lengths)
+    expected = truth_grads(inputs, output_grads, lengths)
+    check_grads(grads, expected, [t.dtype for t in inputs], GRAD_RTOL[dtype])
+
+
+# R off the panels, C off the strips, two channel pairs; the FaceCoresetNet widths without row
+# scales.
+@pytest.mark.parametrize(
+    ("c", "r", "d", "scaled"), [(7, 5, 4, True), (33, 1, 6, True), (512, 24, 512, False)]
+)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_backward_shapes(c, r, d, scaled):
+    x, q, g, pos, scale = problem(2, 300, c, r, d, seed=c)
+    inputs = [x, q, g, pos, scale if scaled else None]
+    grads, output_grads = cpp_backward(inputs)
+    expected = truth_grads(inputs, output_grads)
+    for name, got, want in zip(GRAD_NAMES, grads, expected, strict=True):
+        if want is not None:
+            assert_rel_close(got, want, GRAD_RTOL[torch.float32])
+        else:
+            assert got.shape == (0,), name
+
+
+# The power series of the forward (most pairs of these angles) in the backward too, and every
+# pair exact.
+@pytest.mark.parametrize("series", [False, True])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_backward_series(series):
+    inputs = problem(1, 700, 16, 8, 512, positions=(0.0, 3.0))
+    grads, output_grads = cpp_backward(inputs, series=series)
+    check_grads(grads, truth_grads(inputs, output_grads), [torch.float32] * 5, 2e-5)
+
+
+def test_cpp_backward_float64_gradcheck():
+    """The C++ op's gradients (its backward kernel) against finite differences of its forward."""
+    inputs = [t.double().requires_grad_() for t in problem(2, 7, 5, 3, 6, positions=(0.5, 3.0))]
+    lengths = torch.tensor([7, 3])
+
+    def op(x, q, g, pos, scale):
+        return cpp(x, q, g, pos, divisors_for(6, torch.float64), TWO_PI, 1e-5, scale, lengths)
+
+    assert torch.autograd.gradcheck(op, inputs)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_cpp_backward_padding_is_never_read():
+    """NaN and Inf in the padding change no bit, and the padding rows' gradients are zeros."""
+    inputs = problem(3, 2500, 24, 8, 32)
+    lengths = torch.tensor([2500, 1, 1030])
+    grads, _ = cpp_backward(inputs, lengths)
+    x, _, _, pos, scale = inputs
+    padded = torch.arange(2500) >= lengths[:, None]
+    x[padded], pos[padded], scale[padded] = float("nan"), float("nan"), float("inf")
+    poisoned, _ = cpp_backward(inputs, lengths)
+    for a, b in zip(grads, poisoned, strict=True):
+        assert torch.equal(a, b)
+    for k in (0, 3, 4):
+        assert not poisoned[k][padded].any()
+
+
+def test_cpp_backward_mask_and_determinism():
+    """Each gradient alone is the bits of all of them together, and the bits do not depend on
+    the thread count."""
+    inputs = problem(2, 9000, 32, 12, 16)
+    with torch_threads(1):
+        one, _ = cpp_backward(inputs, series=True)
+    with torch_threads(2):
+        two, _ = cpp_backward(inputs, series=True)
+        for k in range(5):
+            mask = [j == k for j in range(5)]
+            alone, _ = cpp_backward(inputs, series=True, mask=mask)
+            assert torch.equal(alone[k], two[k])
+            assert all(alone[j].shape == (0,) for j in range(5) if j != k)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_backward_opcheck(ragged):
+    x, q, g, pos, scale = problem(2, 9, 5, 3, 4)
+    lengths = torch.tensor([9, 2]) if ragged else None
+    args = (x, q, g, pos, divisors_for(4), TWO_PI, 1e-5, scale if ragged else None, lengths, False)
+    pooled, lse = cpp(*args)
+    mask = [True, False, True, True, ragged]
+    full = (torch.randn_like(pooled), torch.randn_like(lse), pooled, lse, *args, mask)
+    torch.library.opcheck(torch.ops.fusedset.sinusoid_attention_pool_backward.default, full)
+
+
+def test_cpp_backward_checks_its_arguments():
+    args = (X, Q, G, P, divisors_for(6), 1.0, 1e-5, None, None, False)
+    pooled, lse = cpp(*args)
+    with pytest.raises(ValueError, match=r"sinusoid_attention_pool_backward: grad_pooled must "
+                                         r"have shape \[2, 3, 8\], got \[2, 3, 7\]"):  # fmt: skip
+        torch.ops.fusedset.sinusoid_attention_pool_backward.default(
+            pooled[..., :7], lse, pooled, lse, *args, [True] * 5
+        )
+    with pytest.raises(RuntimeError, match=r"sinusoid_attention_pool_backward: logsumexp must "):
+        torch.ops.fusedset.sinusoid_attention_pool_backward.default(
+            pooled, lse, pooled, lse.long(), *args, [True] * 5
+        )
 
 
 # ---------------------------------------------------------------- autograd and torch integration

@@ -6,6 +6,7 @@
 // sinusoid_attention_pool.cpp; a backend supplies the kernel.
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -37,10 +38,46 @@ struct SinusoidPoolProblem {
 using SinusoidPoolKernel = void (*)(const SinusoidPoolProblem& p, at::Tensor& pooled,
                                     at::Tensor& logsumexp);
 
+// What the backward kernel reads besides the problem (accumulation dtype, contiguous): the
+// gradient of pooled (B, R, C), the forward's logsumexp (B, R), and per query
+// offset_r = grad_logsumexp_r - grad_pooled_r . pooled_r, so that the score gradient of row i
+// is a_ir (grad_pooled_r . v_i + offset_r).
+struct SinusoidPoolGradInputs {
+  at::Tensor grad_pooled;
+  at::Tensor logsumexp;
+  at::Tensor offsets;
+};
+
+// The gradients the backward kernel writes, each undefined when not wanted: x (B, N, C) in x's
+// dtype; the rest in the accumulation dtype, position_queries (B, R, D) in the caller's channel
+// order (sin, cos interleaved). Rows at or past lengths[b] get zeros.
+struct SinusoidPoolGradients {
+  at::Tensor x;
+  at::Tensor queries;
+  at::Tensor position_queries;
+  at::Tensor positions;
+  at::Tensor row_scale;
+};
+
+using SinusoidPoolBackwardKernel = void (*)(const SinusoidPoolProblem& p,
+                                            const SinusoidPoolGradInputs& in,
+                                            SinusoidPoolGradients& out);
+
 std::tuple<at::Tensor, at::Tensor> sinusoid_attention_pool_forward(
     const at::Tensor& x, const at::Tensor& queries, const at::Tensor& position_queries,
     const at::Tensor& positions, const at::Tensor& divisors, double position_scale, double eps,
     const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& lengths,
     bool series, SinusoidPoolKernel kernel);
+
+// The gradients for x, queries, position_queries, positions and row_scale, each in its input's
+// dtype, or an empty tensor where output_mask is false (or row_scale is absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sinusoid_attention_pool_backward(
+    const at::Tensor& grad_pooled, const at::Tensor& grad_logsumexp, const at::Tensor& pooled,
+    const at::Tensor& logsumexp, const at::Tensor& x, const at::Tensor& queries,
+    const at::Tensor& position_queries, const at::Tensor& positions, const at::Tensor& divisors,
+    double position_scale, double eps, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& lengths, bool series, std::array<bool, 5> output_mask,
+    SinusoidPoolBackwardKernel kernel);
 
 }  // namespace fusedset

@@ -150,6 +150,49 @@ _DIFFERENTIABLE = ("x", "queries", "position_queries", "positions", "row_scale")
 _SHARED = ("queries", "position_queries")
 
 
+def _wanted(inputs: PoolInputs, needs_input_grad: tuple[bool, ...]) -> list[str]:
+    """The differentiable inputs whose gradient autograd asks for."""
+    # Arguments left at their defaults were not passed through autograd: no flag, no gradient.
+    needed = dict.fromkeys(PoolInputs._fields, False)
+    needed.update(zip(PoolInputs._fields, needs_input_grad, strict=False))
+    return [k for k in _DIFFERENTIABLE if needed[k] and getattr(inputs, k) is not None]
+
+
+def _output_grads(
+    grad_pooled: torch.Tensor | None,
+    grad_logsumexp: torch.Tensor | None,
+    pooled: torch.Tensor,
+    logsumexp: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of pooled and logsumexp in their dtype, zeros for an unused output."""
+    g = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.to(pooled.dtype)
+    g_lse = torch.zeros_like(logsumexp) if grad_logsumexp is None else grad_logsumexp
+    return g, g_lse.to(logsumexp.dtype)
+
+
+def kernel_backward(
+    grad_pooled: torch.Tensor | None,
+    grad_logsumexp: torch.Tensor | None,
+    inputs: PoolInputs,
+    pooled: torch.Tensor,
+    logsumexp: torch.Tensor,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """pool_backward in one pass of torch.ops.fusedset.sinusoid_attention_pool_backward (the
+    C++ kernel for CPU tensors): the scores recomputed as the forward kernel forms them, the
+    shared gradients merged in a fixed order, no extra memory growing with N."""
+    wanted = _wanted(inputs, needs_input_grad)
+    if not wanted:
+        return (None,) * len(PoolInputs._fields)
+    g, g_lse = _output_grads(grad_pooled, grad_logsumexp, pooled, logsumexp)
+    mask = [k in wanted for k in _DIFFERENTIABLE]
+    grads = torch.ops.fusedset.sinusoid_attention_pool_backward.default(
+        g, g_lse, pooled, logsumexp, *inputs, mask
+    )
+    by_name = dict(zip(_DIFFERENTIABLE, grads, strict=True))
+    return tuple(by_name[k] if k in wanted else None for k in PoolInputs._fields)
+
+
 def pool_backward(
     grad_pooled: torch.Tensor | None,
     grad_logsumexp: torch.Tensor | None,
@@ -158,21 +201,18 @@ def pool_backward(
     logsumexp: torch.Tensor,
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
-    """The gradients of sinusoid_attention_pool for its inputs, in schema order.
+    """The gradients of sinusoid_attention_pool for its inputs, in schema order, in eager
+    PyTorch (the CUDA path; CPU tensors take kernel_backward).
 
     With a_ir = e^(s_ir - logsumexp_r) the softmax weights, ``dL/dv_i = sum_r a_ir g_r`` and
     ``dL/ds_ir = a_ir (g_r . (v_i - pooled_r) + glse_r)``. The scores and values of a chunk of
     rows are recomputed with autograd-visible math (fusedset.reference) and differentiated with
     these output gradients, so the extra memory is that of one chunk whatever N is.
     """
-    # Arguments left at their defaults were not passed through autograd: no flag, no gradient.
-    needed = dict.fromkeys(PoolInputs._fields, False)
-    needed.update(zip(PoolInputs._fields, needs_input_grad, strict=False))
-    wanted = [k for k in _DIFFERENTIABLE if needed[k] and getattr(inputs, k) is not None]
+    wanted = _wanted(inputs, needs_input_grad)
     grads = {k: torch.zeros_like(getattr(inputs, k), dtype=pooled.dtype) for k in wanted}
     x, lengths = inputs.x, inputs.lengths
-    g = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.to(pooled.dtype)
-    g_lse = torch.zeros_like(logsumexp) if grad_logsumexp is None else grad_logsumexp
+    g, g_lse = _output_grads(grad_pooled, grad_logsumexp, pooled, logsumexp)
     offset = g_lse.to(pooled.dtype) - (g * pooled).sum(-1)  # glse_r - g_r . pooled_r
     for start in range(0, x.shape[1] if wanted else 0, BACKWARD_CHUNK):
         stop = min(x.shape[1], start + BACKWARD_CHUNK)
@@ -232,8 +272,19 @@ if _dispatch.extension_loaded():
         *tensors, pooled, logsumexp = ctx.saved_tensors
         tensors, others = iter(tensors), iter(ctx.others)
         inputs = PoolInputs(*(next(tensors) if t else next(others) for t in ctx.is_tensor))
-        return pool_backward(
+        backward = kernel_backward if inputs.x.device.type == "cpu" else pool_backward
+        return backward(
             grad_pooled, grad_logsumexp, inputs, pooled, logsumexp, ctx.needs_input_grad
+        )
+
+    @torch.library.register_fake("fusedset::sinusoid_attention_pool_backward")
+    def _fake_backward(grad_pooled, grad_logsumexp, pooled, logsumexp, x, queries,
+                       position_queries, positions, divisors, position_scale, eps, row_scale,
+                       lengths, series, output_mask):  # fmt: skip
+        inputs = (x, queries, position_queries, positions, row_scale)
+        return tuple(
+            t.new_empty(t.shape) if want and t is not None else (x if t is None else t).new_empty(0)
+            for t, want in zip(inputs, output_mask, strict=True)
         )
 
     torch.library.register_autograd(

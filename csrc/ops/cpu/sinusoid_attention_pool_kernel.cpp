@@ -44,7 +44,22 @@ struct Tasks {
     size = (n + wanted - 1) / wanted;
     count = (n + size - 1) / size;
   }
+
+  // The first row of task t (tasks of template b are b count to (b + 1) count - 1).
+  int64_t start(int64_t task) const { return (task % count) * size; }
 };
+
+// The count values from x in the accumulation dtype: x itself, or converted into buffer.
+template <typename acc_t, typename scalar_t>
+const acc_t* block_rows(const scalar_t* x, int64_t count, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+    buffer.resize(count);
+    std::transform(x, x + count, buffer.begin(), [](scalar_t v) { return static_cast<acc_t>(v); });
+    return buffer.data();
+  }
+}
 
 // The right-hand side of the products, as column panels: panel p holds columns
 // [p kPanel, p kPanel + width) of a (K x padded) matrix as a (K x width) row-major block, width
@@ -163,21 +178,22 @@ void multiply(const T* a, int64_t row_stride, int64_t m, int64_t k, const T* pan
   }
 }
 
-// acc (padded x width) += w^T x for the weights w (count x padded) and a block's rows x
-// (count x width): the weighted sums of the rows, for every query. Tiles of 8 (AVX2: 4) queries
-// by 32 columns: a strip of 32 columns of the block serves every query from L1.
+// out (m x width) += a (m x k) times b (k x width), both row-major at width, element (i, t)
+// of a at a[i * row_stride + t * k_stride]: with a the transposed weights of a block's rows
+// and b the rows, the weighted sums of the rows for every query. Tiles of 8 (AVX2: 4) rows of
+// out by 32 columns: a strip of 32 columns of b serves every row of out from L1.
 template <typename T>
-void accumulate_weighted(const T* w, int64_t padded, const T* x, int64_t count, int64_t width,
-                         T* acc) {
+void multiply_strips(const T* a, int64_t row_stride, int64_t k_stride, int64_t m, int64_t k,
+                     const T* b, int64_t width, T* out) {
   int64_t c0 = 0;
   for (; c0 + 32 <= width; c0 += 32) {
-    multiply_rows<T, 32, true>(w, 1, padded, padded, count, x + c0, width, acc + c0, width);
+    multiply_rows<T, 32, true>(a, row_stride, k_stride, m, k, b + c0, width, out + c0, width);
   }
   for (; c0 + 8 <= width; c0 += 8) {
-    multiply_rows<T, 8, true>(w, 1, padded, padded, count, x + c0, width, acc + c0, width);
+    multiply_rows<T, 8, true>(a, row_stride, k_stride, m, k, b + c0, width, out + c0, width);
   }
   for (; c0 < width; ++c0) {
-    multiply_rows<T, 1, true>(w, 1, padded, padded, count, x + c0, width, acc + c0, width);
+    multiply_rows<T, 1, true>(a, row_stride, k_stride, m, k, b + c0, width, out + c0, width);
   }
 }
 
@@ -257,16 +273,19 @@ struct Series {
   acc_t inverse_phase;  // 1 / largest |phase| (0 when every phase is 0)
   std::vector<std::vector<acc_t>> queries;  // per template: panels of H^T (kSeriesTerms x padded)
   std::vector<acc_t> sums;  // the series of the channels' sum (for the LayerNorm's mean)
+  // terms[(k - first_pair) kSeriesTerms + t]: the coefficient of t^t in channel pair k's sine
+  // (t odd) or cosine (t even)
+  std::vector<double> terms;
 };
 
-// The series of problem p: the pairs it covers, and the coefficients of every query's scores
-// and of the channels' sum. code_queries (B, R, D) is reordered [sines | cosines].
+// The series of problem p: the pairs it covers, and the coefficients of the scores of r
+// columns and of the channels' sum. code_queries (B, r, D): the columns, reordered
+// [sines | cosines].
 template <typename acc_t>
-Series<acc_t> make_series(const SinusoidPoolProblem& p, const acc_t* code_queries) {
+Series<acc_t> make_series(const SinusoidPoolProblem& p, const acc_t* code_queries, int64_t r) {
   const int64_t batch = p.batch();
   const int64_t half = p.divisors.size(0);
-  const int64_t r = p.num_queries();
-  Series<acc_t> series{half, 0, {}, {}};
+  Series<acc_t> series{half, 0, {}, {}, {}};
   if (!std::is_same_v<acc_t, float> || !p.series) {
     return series;
   }
@@ -292,7 +311,8 @@ Series<acc_t> make_series(const SinusoidPoolProblem& p, const acc_t* code_querie
   series.first_pair = first;
   series.inverse_phase = largest > 0 ? static_cast<acc_t>(1 / largest) : acc_t(0);
   // term[k][t] = +-ratio_k^t / t!, the coefficient of t^t in sin (t odd) or cos (t even).
-  std::vector<double> terms((half - first) * kSeriesTerms);
+  std::vector<double>& terms = series.terms;
+  terms.resize((half - first) * kSeriesTerms);
   for (int64_t k = first; k < half; ++k) {
     const double ratio = largest / static_cast<double>(divisors[k]);
     double term = 1;
@@ -347,6 +367,61 @@ void series_powers(const acc_t* positions, int64_t count, acc_t position_scale,
   }
 }
 
+// The products of a block's sinusoidal codes with `columns` code query vectors (for the
+// forward, position_queries; for the backward, also their derivatives in the positions): the
+// pairs of small angle by the series, the others exactly; the channels' sums for the
+// LayerNorm's statistics come with them.
+template <typename acc_t>
+struct CodeProduct {
+  int64_t columns;
+  int64_t padded;  // row length of the products
+  int64_t half;    // channel pairs
+  int64_t pairs;   // the exactly taken pairs, [0, pairs)
+  Series<acc_t> series;
+  std::vector<std::vector<acc_t>> panels;  // per template: the exact pairs' panels
+  const acc_t* divisors;
+  acc_t position_scale;
+  acc_t largest_inverse_divisor;
+
+  // vectors (B, columns, D): the columns, reordered [sines | cosines].
+  CodeProduct(const SinusoidPoolProblem& p, const acc_t* vectors, int64_t columns)
+      : columns(columns),
+        padded(padded_width(columns)),
+        half(p.divisors.size(0)),
+        series(make_series(p, vectors, columns)),
+        divisors(p.divisors.const_data_ptr<acc_t>()),
+        position_scale(static_cast<acc_t>(p.position_scale)),
+        largest_inverse_divisor(1 / p.divisors.abs().min().item<acc_t>()) {
+    pairs = series.first_pair;
+    std::vector<acc_t> exact(columns * 2 * pairs);
+    for (int64_t b = 0; b < p.batch(); ++b) {
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t* g = vectors + (b * columns + j) * 2 * half;
+        std::copy(g, g + pairs, exact.begin() + j * 2 * pairs);
+        std::copy(g + half, g + half + pairs, exact.begin() + j * 2 * pairs + pairs);
+      }
+      panels.push_back(pack_transposed(exact.data(), columns, 2 * pairs));
+    }
+  }
+
+  bool has_series() const { return pairs < half; }
+
+  // For the count positions of a block of template b: codes (count x 2 pairs, the exact pairs
+  // [sines | cosines]), powers (count x kSeriesTerms, with a series), sums (count) and
+  // out (count x padded), the products.
+  void multiply_block(int64_t b, const acc_t* positions, int64_t count, acc_t* codes,
+                      acc_t* powers, acc_t* sums, acc_t* out) const {
+    sinusoid_codes(positions, count, position_scale, divisors, pairs, largest_inverse_divisor,
+                   codes, sums);
+    multiply<acc_t, false>(codes, 2 * pairs, count, 2 * pairs, panels[b].data(), padded, out);
+    if (has_series()) {
+      series_powers(positions, count, position_scale, series, powers, sums);
+      multiply<acc_t, true>(powers, kSeriesTerms, count, kSeriesTerms, series.queries[b].data(),
+                            padded, out);
+    }
+  }
+};
+
 // One row of a block's scores, s_j = scale (x . q_j) + rstd (code . g_j - mean total_j) for
 // the queries: the score of the LayerNorm'd code without normalizing the code. top_j becomes the
 // max of itself and s_j. Rows run over the padded width (a multiple of 8: no scalar tail; 1.6x
@@ -373,6 +448,25 @@ FUSEDSET_VECTOR_CLONES void weigh_row(acc_t* __restrict scores, const acc_t* __r
     const acc_t e = exp_nonpositive(scores[j] - top[j]);
     sum[j] += e;
     scores[j] = e * scale;
+  }
+}
+
+// One row's score gradients: with its scores s_j recomputed as combine_scores forms them, the
+// softmax weights a_j = e^(s_j - logsumexp_j) and dS_j = a_j (scale (x . g_j) + offset_j), the
+// gradient of the loss in s_j. The row's x . q_j and x . g_j in, weights becomes [dS_j | a_j],
+// code_scores[j] the score of the LayerNorm'd code, rstd (code . u_j - mean total_j).
+template <typename acc_t>
+FUSEDSET_VECTOR_CLONES void score_gradients(
+    const acc_t* __restrict query_products, const acc_t* __restrict grad_products,
+    const acc_t* __restrict code_products, const acc_t* __restrict totals,
+    const acc_t* __restrict logsumexp, const acc_t* __restrict offsets, int64_t r, acc_t scale,
+    acc_t mean, acc_t rstd, acc_t* __restrict code_scores, acc_t* __restrict weights) {
+  for (int64_t j = 0; j < r; ++j) {
+    code_scores[j] = rstd * (code_products[j] - mean * totals[j]);
+    const acc_t score = scale * query_products[j] + code_scores[j];
+    const acc_t a = exp_nonpositive(score - logsumexp[j]);
+    weights[j] = a * (scale * grad_products[j] + offsets[j]);
+    weights[r + j] = a;
   }
 }
 
@@ -408,20 +502,12 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
   const int64_t d = 2 * half;
   const int64_t padded = padded_width(r);
   const Tasks tasks(n);
-  const acc_t* all_code_queries = p.position_queries.const_data_ptr<acc_t>();
-  const Series<acc_t> series = make_series(p, all_code_queries);
-  // The pairs taken exactly, [0, pairs): their code queries [sines | cosines] (R x 2 pairs).
-  const int64_t pairs = series.first_pair;
-  std::vector<std::vector<acc_t>> queries, code_queries;
-  std::vector<acc_t> totals(batch * padded, acc_t(0)), exact_queries(r * 2 * pairs);
+  const CodeProduct<acc_t> code(p, p.position_queries.const_data_ptr<acc_t>(), r);
+  const int64_t pairs = code.pairs;
+  std::vector<std::vector<acc_t>> queries;
+  std::vector<acc_t> totals(batch * padded, acc_t(0));
   for (int64_t b = 0; b < batch; ++b) {
     queries.push_back(pack_transposed(p.queries.const_data_ptr<acc_t>() + b * r * c, r, c));
-    for (int64_t j = 0; j < r; ++j) {
-      const acc_t* g = all_code_queries + (b * r + j) * d;
-      std::copy(g, g + pairs, exact_queries.begin() + j * 2 * pairs);
-      std::copy(g + half, g + half + pairs, exact_queries.begin() + j * 2 * pairs + pairs);
-    }
-    code_queries.push_back(pack_transposed(exact_queries.data(), r, 2 * pairs));
     const acc_t* src = p.query_totals.const_data_ptr<acc_t>() + b * r;
     std::copy(src, src + r, totals.begin() + b * padded);
   }
@@ -431,11 +517,8 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
   const scalar_t* x_all = p.x.const_data_ptr<scalar_t>();
   const acc_t* positions = p.positions.const_data_ptr<acc_t>();
   const acc_t* row_scale = p.row_scale.defined() ? p.row_scale.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* divisors = p.divisors.const_data_ptr<acc_t>();
   const int64_t* lengths = p.lengths.const_data_ptr<int64_t>();
-  const acc_t position_scale = static_cast<acc_t>(p.position_scale);
   const acc_t eps = static_cast<acc_t>(p.eps);
-  const acc_t largest_inverse_divisor = 1 / p.divisors.abs().min().item<acc_t>();
 
   run_dynamic(batch * tasks.count, at::get_num_threads(), [&](const auto& next) {
     std::vector<acc_t> scores(kBlock * padded), code_scores(kBlock * padded);
@@ -444,31 +527,15 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t b = task / tasks.count;
       const State<acc_t> s(part + task * row, r, padded, c);
-      const int64_t begin = std::min(lengths[b], (task % tasks.count) * tasks.size);
+      const int64_t begin = std::min(lengths[b], tasks.start(task));
       const int64_t end = std::min(lengths[b], begin + tasks.size);
       for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
         const int64_t count = std::min(kBlock, end - i0);
         const int64_t first_row = b * n + i0;
-        const acc_t* x;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          x = x_all + first_row * c;
-        } else {
-          rows_buf.resize(count * c);
-          std::transform(x_all + first_row * c, x_all + (first_row + count) * c,
-                         rows_buf.begin(), [](scalar_t v) { return static_cast<acc_t>(v); });
-          x = rows_buf.data();
-        }
+        const acc_t* x = block_rows(x_all + first_row * c, count * c, rows_buf);
         multiply<acc_t, false>(x, c, count, c, queries[b].data(), padded, scores.data());
-        sinusoid_codes(positions + first_row, count, position_scale, divisors, pairs,
-                       largest_inverse_divisor, codes.data(), sums.data());
-        multiply<acc_t, false>(codes.data(), 2 * pairs, count, 2 * pairs,
-                               code_queries[b].data(), padded, code_scores.data());
-        if (pairs < half) {
-          series_powers(positions + first_row, count, position_scale, series, powers.data(),
-                        sums.data());
-          multiply<acc_t, true>(powers.data(), kSeriesTerms, count, kSeriesTerms,
-                                series.queries[b].data(), padded, code_scores.data());
-        }
+        code.multiply_block(b, positions + first_row, count, codes.data(), powers.data(),
+                            sums.data(), code_scores.data());
         std::copy(s.max, s.max + padded, top.begin());
         for (int64_t i = 0; i < count; ++i) {
           // The LayerNorm's statistics: each channel pair has sin^2 + cos^2 = 1, so the
@@ -494,7 +561,7 @@ void forward_impl(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor& 
           const acc_t scale = row_scale ? row_scale[first_row + i] : acc_t(1);
           weigh_row(scores.data() + i * padded, top.data(), padded, scale, s.sum);
         }
-        accumulate_weighted(scores.data(), padded, x, count, c, s.pooled);
+        multiply_strips(scores.data(), 1, padded, padded, count, x, c, s.pooled);
       }
     }
   });
@@ -538,6 +605,247 @@ void forward_kernel(const SinusoidPoolProblem& p, at::Tensor& pooled, at::Tensor
                                   [&] { forward_impl<scalar_t>(p, pooled, logsumexp); });
 }
 
+// The backward, one pass over the rows in the forward's tasks and blocks. Per row, with
+// a_ir = e^(s_ir - logsumexp_r) and dS_ir = a_ir (g_r . (v_i - pooled_r) + glse_r):
+//   dv_i = sum_r a_ir g_r + dS_ir q_r,   dx_i = row_scale_i dv_i,   drow_scale_i = x_i . dv_i,
+//   dq_r = sum_i dS_ir v_i,   du_r = sum_i dS_ir e_i,
+// and through the LayerNorm (e = rstd (c - mean)) and the sines, with sum_r dS_ir u_r the code's
+// gradient, dp_i = position_scale rstd [sum_r dS_ir (c_i . w_r) + (m1 - m2 rstd mean)
+// (c_i . z)], where w_r = (-u_r,cos,k | u_r,sin,k) / d_k and z = (1 | -1) / d_k are further code
+// columns (so the series covers them too), m1 = sum_r dS_ir total_r / D and
+// m2 = sum_r dS_ir (e_i . u_r) / D. So one block takes four products with R-wide panels besides
+// the forward's: x g_r, dv, dq and du, plus the columns w_r in the codes' product. The shared
+// gradients (dq, du) are per-task partials merged in task order.
+template <typename scalar_t>
+void backward_impl(const SinusoidPoolProblem& p, const SinusoidPoolGradInputs& in,
+                   SinusoidPoolGradients& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = p.batch();
+  const int64_t n = p.rows();
+  const int64_t c = p.width();
+  const int64_t r = p.num_queries();
+  const int64_t half = p.divisors.size(0);
+  const int64_t d = 2 * half;
+  const Tasks tasks(n);
+  const bool want_rows = out.x.defined() || out.row_scale.defined();
+  const bool want_queries = out.queries.defined();
+  const bool want_codes = out.position_queries.defined();
+  const bool want_positions = out.positions.defined();
+
+  // [q_1 .. q_R, g_1 .. g_R] (2R x C) per template: [dS | a] times it gives dv. x times
+  // each half gives the scores' and the g . x products (two products of the forward's width:
+  // a 16-wide panel of one 2R-wide product vectorized poorly, measured with perf).
+  const int64_t row_columns = 2 * r;
+  const int64_t padded = padded_width(r);
+  std::vector<acc_t> row_vectors(batch * row_columns * c);
+  std::vector<std::vector<acc_t>> query_panels, grad_panels;
+  for (int64_t b = 0; b < batch; ++b) {
+    acc_t* dst = row_vectors.data() + b * row_columns * c;
+    const acc_t* q = p.queries.const_data_ptr<acc_t>() + b * r * c;
+    const acc_t* g = in.grad_pooled.const_data_ptr<acc_t>() + b * r * c;
+    std::copy(q, q + r * c, dst);
+    std::copy(g, g + r * c, dst + r * c);
+    query_panels.push_back(pack_transposed(q, r, c));
+    grad_panels.push_back(pack_transposed(g, r, c));
+  }
+  // The code columns [u_1 .. u_R, w_1 .. w_R, z], reordered [sines | cosines] like u.
+  const acc_t* divisors = p.divisors.const_data_ptr<acc_t>();
+  const int64_t code_columns = want_positions ? 2 * r + 1 : r;
+  std::vector<acc_t> code_vectors(batch * code_columns * d);
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t* u = p.position_queries.const_data_ptr<acc_t>() + b * r * d;
+    acc_t* dst = code_vectors.data() + b * code_columns * d;
+    std::copy(u, u + r * d, dst);
+    if (want_positions) {
+      for (int64_t j = 0; j <= r; ++j) {
+        acc_t* w = dst + (r + j) * d;
+        for (int64_t k = 0; k < half; ++k) {
+          const acc_t sine = j < r ? -u[j * d + half + k] : acc_t(1);
+          const acc_t cosine = j < r ? u[j * d + k] : acc_t(-1);
+          w[k] = sine / divisors[k];
+          w[half + k] = cosine / divisors[k];
+        }
+      }
+    }
+  }
+  const CodeProduct<acc_t> code(p, code_vectors.data(), code_columns);
+  const int64_t pairs = code.pairs;
+
+  // A task's partials: sum_i dS_ir v_i (R x C); with W_ir = dS_ir rstd_i, sum_i W_ir times
+  // the exact pairs' codes (R x 2 pairs), sum_i W_ir t_i^e, the series' moments
+  // (R x kSeriesTerms), and sum_i W_ir mean_i (R).
+  const int64_t queries_part = want_queries ? r * c : 0;
+  const int64_t codes_part = want_codes ? r * (2 * pairs + kSeriesTerms + 1) : 0;
+  const int64_t row = queries_part + codes_part;
+  at::Tensor partial = at::zeros({batch * tasks.count, row}, p.queries.options());
+  acc_t* part = partial.mutable_data_ptr<acc_t>();
+  const scalar_t* x_all = p.x.const_data_ptr<scalar_t>();
+  const acc_t* positions = p.positions.const_data_ptr<acc_t>();
+  const acc_t* row_scale = p.row_scale.defined() ? p.row_scale.const_data_ptr<acc_t>() : nullptr;
+  const int64_t* lengths = p.lengths.const_data_ptr<int64_t>();
+  const acc_t* totals = p.query_totals.const_data_ptr<acc_t>();
+  const acc_t* logsumexp = in.logsumexp.const_data_ptr<acc_t>();
+  const acc_t* offsets = in.offsets.const_data_ptr<acc_t>();
+  const acc_t eps = static_cast<acc_t>(p.eps);
+  const acc_t position_scale = static_cast<acc_t>(p.position_scale);
+  scalar_t* grad_x = out.x.defined() ? out.x.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* grad_positions = want_positions ? out.positions.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* grad_row_scale =
+      out.row_scale.defined() ? out.row_scale.mutable_data_ptr<acc_t>() : nullptr;
+
+  run_dynamic(batch * tasks.count, at::get_num_threads(), [&](const auto& next) {
+    std::vector<acc_t> query_products(kBlock * padded), grad_products(kBlock * padded);
+    std::vector<acc_t> code_products(kBlock * code.padded);
+    std::vector<acc_t> codes(kBlock * 2 * pairs), powers(kBlock * kSeriesTerms), sums(kBlock);
+    std::vector<acc_t> weights(kBlock * row_columns), code_scores(r), rows_buf;
+    std::vector<acc_t> value_weights(kBlock * r), code_weights(kBlock * r), dv(kBlock * c);
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t b = task / tasks.count;
+      acc_t* part_queries = part + task * row;
+      acc_t* part_codes = part_queries + queries_part;
+      acc_t* part_moments = part_codes + r * 2 * pairs;
+      acc_t* part_means = part_moments + r * kSeriesTerms;
+      const int64_t start = tasks.start(task);
+      const int64_t stop = std::min(n, start + tasks.size);
+      const int64_t begin = std::min(lengths[b], start);
+      const int64_t end = std::min(lengths[b], stop);
+      // Padding rows were never read: their gradients are zero.
+      const int64_t pad = std::clamp(lengths[b], start, stop);
+      if (grad_x != nullptr) {
+        std::fill(grad_x + (b * n + pad) * c, grad_x + (b * n + stop) * c, scalar_t(0));
+      }
+      for (acc_t* grad : {grad_positions, grad_row_scale}) {
+        if (grad != nullptr) {
+          std::fill(grad + b * n + pad, grad + b * n + stop, acc_t(0));
+        }
+      }
+      for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+        const int64_t count = std::min(kBlock, end - i0);
+        const int64_t first_row = b * n + i0;
+        const acc_t* x = block_rows(x_all + first_row * c, count * c, rows_buf);
+        multiply<acc_t, false>(x, c, count, c, query_panels[b].data(), padded,
+                               query_products.data());
+        multiply<acc_t, false>(x, c, count, c, grad_panels[b].data(), padded,
+                               grad_products.data());
+        code.multiply_block(b, positions + first_row, count, codes.data(), powers.data(),
+                            sums.data(), code_products.data());
+        for (int64_t i = 0; i < count; ++i) {
+          const acc_t mean = sums[i] / d;
+          const acc_t rstd = acc_t(1) / std::sqrt(acc_t(0.5) - mean * mean + eps);
+          const acc_t scale = row_scale ? row_scale[first_row + i] : acc_t(1);
+          const acc_t* code_row = code_products.data() + i * code.padded;
+          acc_t* dS = weights.data() + i * row_columns;
+          score_gradients(query_products.data() + i * padded,
+                          grad_products.data() + i * padded, code_row, totals + b * r,
+                          logsumexp + b * r, offsets + b * r, r, scale, mean, rstd,
+                          code_scores.data(), dS);
+          for (int64_t j = 0; j < r; ++j) {
+            value_weights[i * r + j] = dS[j] * scale;
+            code_weights[i * r + j] = dS[j] * rstd;
+          }
+          if (want_codes) {
+            for (int64_t j = 0; j < r; ++j) {
+              part_means[j] += code_weights[i * r + j] * mean;
+            }
+          }
+          if (want_positions) {
+            acc_t m1 = 0, m2 = 0, slope = 0;
+            for (int64_t j = 0; j < r; ++j) {
+              m1 += dS[j] * totals[b * r + j];
+              m2 += dS[j] * code_scores[j];
+              slope += dS[j] * code_row[r + j];
+            }
+            const acc_t centering = (m1 - m2 * rstd * mean) / d;
+            grad_positions[first_row + i] =
+                position_scale * rstd * (slope + centering * code_row[2 * r]);
+          }
+        }
+        if (want_queries) {
+          multiply_strips(value_weights.data(), 1, r, r, count, x, c, part_queries);
+        }
+        if (want_codes) {
+          multiply_strips(code_weights.data(), 1, r, r, count, codes.data(), 2 * pairs,
+                          part_codes);
+          if (code.has_series()) {
+            multiply_strips(code_weights.data(), 1, r, r, count, powers.data(), kSeriesTerms,
+                            part_moments);
+          }
+        }
+        if (want_rows) {
+          std::fill(dv.begin(), dv.begin() + count * c, acc_t(0));
+          multiply_strips(weights.data(), row_columns, 1, count, row_columns,
+                          row_vectors.data() + b * row_columns * c, c, dv.data());
+          for (int64_t i = 0; i < count; ++i) {
+            const acc_t* dv_i = dv.data() + i * c;
+            const acc_t scale = row_scale ? row_scale[first_row + i] : acc_t(1);
+            if (grad_x != nullptr) {
+              std::transform(dv_i, dv_i + c, grad_x + (first_row + i) * c,
+                             [scale](acc_t v) { return static_cast<scalar_t>(scale * v); });
+            }
+            if (grad_row_scale != nullptr) {
+              const acc_t* x_i = x + i * c;
+              grad_row_scale[first_row + i] =
+                  lane_sum<acc_t>(c, [&](int64_t k) { return x_i[k] * dv_i[k]; });
+            }
+          }
+        }
+      }
+    }
+  });
+
+  // Merge the tasks of each template in order.
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t* first_task = part + b * tasks.count * row;
+    if (want_queries) {
+      acc_t* dst = out.queries.mutable_data_ptr<acc_t>() + b * r * c;
+      std::fill(dst, dst + r * c, acc_t(0));
+      for (int64_t t = 0; t < tasks.count; ++t) {
+        const acc_t* src = first_task + t * row;
+        for (int64_t k = 0; k < r * c; ++k) {
+          dst[k] += src[k];
+        }
+      }
+    }
+    if (want_codes) {
+      std::vector<double> sum(codes_part, 0.0);
+      for (int64_t t = 0; t < tasks.count; ++t) {
+        const acc_t* src = first_task + t * row + queries_part;
+        for (int64_t k = 0; k < codes_part; ++k) {
+          sum[k] += src[k];
+        }
+      }
+      const double* sum_codes = sum.data();
+      const double* sum_moments = sum_codes + r * 2 * pairs;
+      const double* sum_means = sum_moments + r * kSeriesTerms;
+      acc_t* dst = out.position_queries.mutable_data_ptr<acc_t>() + b * r * d;
+      for (int64_t j = 0; j < r; ++j) {
+        // Channel 2k is the sine of pair k, 2k + 1 its cosine.
+        for (int64_t k = 0; k < pairs; ++k) {
+          dst[j * d + 2 * k] = static_cast<acc_t>(sum_codes[j * 2 * pairs + k] - sum_means[j]);
+          dst[j * d + 2 * k + 1] =
+              static_cast<acc_t>(sum_codes[j * 2 * pairs + pairs + k] - sum_means[j]);
+        }
+        for (int64_t k = pairs; k < half; ++k) {
+          double sine = 0, cosine = 0;
+          const double* terms = code.series.terms.data() + (k - pairs) * kSeriesTerms;
+          for (int64_t e = 0; e < kSeriesTerms; ++e) {
+            (e % 2 == 1 ? sine : cosine) += terms[e] * sum_moments[j * kSeriesTerms + e];
+          }
+          dst[j * d + 2 * k] = static_cast<acc_t>(sine - sum_means[j]);
+          dst[j * d + 2 * k + 1] = static_cast<acc_t>(cosine - sum_means[j]);
+        }
+      }
+    }
+  }
+}
+
+void backward_kernel(const SinusoidPoolProblem& p, const SinusoidPoolGradInputs& in,
+                     SinusoidPoolGradients& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "sinusoid_attention_pool_backward_cpu",
+                                  [&] { backward_impl<scalar_t>(p, in, out); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
@@ -549,6 +857,19 @@ TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
            return sinusoid_attention_pool_forward(x, queries, position_queries, positions,
                                                   divisors, position_scale, eps, row_scale,
                                                   lengths, series, forward_kernel);
+         });
+  m.impl("sinusoid_attention_pool_backward",
+         [](const at::Tensor& grad_pooled, const at::Tensor& grad_logsumexp,
+            const at::Tensor& pooled, const at::Tensor& logsumexp, const at::Tensor& x,
+            const at::Tensor& queries, const at::Tensor& position_queries,
+            const at::Tensor& positions, const at::Tensor& divisors, double position_scale,
+            double eps, const std::optional<at::Tensor>& row_scale,
+            const std::optional<at::Tensor>& lengths, bool series,
+            std::array<bool, 5> output_mask) {
+           return sinusoid_attention_pool_backward(
+               grad_pooled, grad_logsumexp, pooled, logsumexp, x, queries, position_queries,
+               positions, divisors, position_scale, eps, row_scale, lengths, series, output_mask,
+               backward_kernel);
          });
 }
 

@@ -186,31 +186,118 @@ def test_cpp_nan_row_poisons_the_output():
 # ---------------------------------------------------------------- Triton (interpreted on CPU)
 
 
+def run_triton(x, queries, code_queries, positions, row_scale=None, lengths=None):
+    d = code_queries.shape[-1]
+    return triton_kernels.forward(x, queries, code_queries, positions, divisors_for(d), TWO_PI,
+                                  1e-5, row_scale, lengths)  # fmt: skip
+
+
+# The resident kernel: N = 1 and R = 1; split tails; R = 24 (a 32-query block) at its full width
+# (C = D = 512); R = 64 (two query blocks) with odd C and D. The tiled kernel: rows or codes wider
+# than the resident kernel holds.
 @pytest.mark.parametrize(
-    ("n", "r", "dtype", "scaled"),
+    ("n", "c", "r", "d", "dtype", "scaled"),
     [
-        (1, 1, torch.float32, False),
-        (33, 24, torch.float32, True),
-        (700, 17, torch.float16, True),
-        (1100, 64, torch.bfloat16, False),
+        (1, 7, 1, 6, torch.float32, False),
+        (37, 40, 24, 70, torch.float32, True),
+        (29, 512, 24, 512, torch.bfloat16, True),
+        (41, 33, 64, 18, torch.float16, False),
+        (45, 600, 5, 10, torch.float32, True),
+        (40, 9, 17, 1026, torch.float16, False),
     ],
 )
 @pytest.mark.usefixtures("poisoned_outputs")
-def test_triton_matches_reference(n, r, dtype, scaled):
-    x, q, g, pos, scale = problem(2, n, 40, r, 70, dtype)
+def test_triton_matches_reference(n, c, r, d, dtype, scaled):
+    x, q, g, pos, scale = problem(2, n, c, r, d, dtype)
     scale = scale if scaled else None
     lengths = torch.tensor([n, max(1, n // 3)])
-    got = triton_kernels.forward(x, q, g, pos, divisors_for(70), TWO_PI, 1e-5, scale, lengths)
+    check(run_triton(x, q, g, pos, scale, lengths), x, q, g, pos, scale, lengths)
+
+
+@pytest.mark.parametrize("c", [40, 600])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_ragged_never_reads_padding(c):
+    x, q, g, pos, scale = problem(3, 50, c, 8, 32)
+    lengths = torch.tensor([50, 1, 23])
+    padded = torch.arange(50) >= lengths[:, None]
+    expected = truth(x, q, g, pos, scale, lengths)
+    x[padded], pos[padded], scale[padded] = float("nan"), float("nan"), float("inf")
+    for actual, want in zip(run_triton(x, q, g, pos, scale, lengths), expected, strict=True):
+        assert_rel_close(actual, want, RTOL[torch.float32])
+
+
+def launched(monkeypatch):
+    """The (kernel, grid) of every Triton launch from now on, as the interpreter runs them."""
+    from triton.runtime.interpreter import GridExecutor
+
+    calls = []
+    original = GridExecutor.__call__
+
+    def record(self, *args, **kwargs):
+        calls.append((self.fn.__name__, tuple(self.grid)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GridExecutor, "__call__", record)
+    return calls
+
+
+# The resident kernel in one pass; in several passes of a few rows, each split in chunks, the
+# merge over several blocks of splits; the tiled kernel.
+@pytest.mark.parametrize(
+    ("c", "d", "constants"),
+    [
+        (40, 70, {}),
+        (40, 70, {"SPLITS": 4, "CHUNK": 3, "MIN_SPLIT_ROWS": 2, "MERGE_BLOCK_S": 4}),
+        (600, 10, {}),
+    ],
+)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_launches_its_plan(monkeypatch, c, d, constants):
+    for name, value in constants.items():
+        monkeypatch.setattr(triton_kernels, name, value)
+    x, q, g, pos, scale = problem(2, 40, c, 24, d, torch.float16)
+    lengths = torch.tensor([40, 17])
+    calls = launched(monkeypatch)
+    got = run_triton(x, q, g, pos, scale, lengths)
+    plan = triton_kernels.forward_plan(2, 40, c, 24, d // 2, torch.float16, True)
+    assert calls == [(p.kernel, p.grid) for p in plan]
     check(got, x, q, g, pos, scale, lengths)
 
 
+def test_triton_plan_at_scale():
+    """FaceCoresetNet's shapes: every SM busy from N = 16384 at B = 1, a fixed scratch (more
+    passes as N grows), one grid axis whatever B, and variants the compile check builds."""
+    from fusedset.triton_kernels.registry import REGISTRY
+
+    variants = {(k.name, v.label) for k in REGISTRY for v in k.variants}
+    for b, n in [(1, 16384), (1, 65536), (1, 1 << 20), (32, 65536), (70000, 8)]:
+        plan = triton_kernels.forward_plan(b, n, 512, 24, 256, torch.float32, True)
+        *main, merge = plan
+        assert all((p.kernel, p.variant) in variants for p in plan)
+        assert all(len(p.grid) == 1 for p in plan)
+        assert {p.kernel for p in main} == {"sinusoid_pool_resident_kernel"}
+        assert merge.grid == (b * 24 * 8,)
+        if n >= 16384:
+            assert main[0].grid[0] >= 132 * b
+        assert len(main) == -(-n // (triton_kernels.SPLITS * triton_kernels.CHUNK))
+    wide = triton_kernels.forward_plan(2, 5000, 1024, 64, 256, torch.bfloat16, False)
+    assert (wide[0].kernel, wide[0].variant) == ("sinusoid_pool_kernel", "bf16 R<=64")
+    assert all((p.kernel, p.variant) in variants for p in wide)
+
+
 def test_triton_is_bitwise_deterministic_and_matches_cpp():
-    args = problem(1, 1300, 24, 8, 16)
+    args = problem(1, 300, 24, 8, 16)
     call = (*args[:4], divisors_for(16), TWO_PI, 1e-5, args[4], None)
     first, second = triton_kernels.forward(*call), triton_kernels.forward(*call)
     for a, b, c in zip(first, second, cpp(*call), strict=True):
         assert torch.equal(a, b)
         assert_rel_close(a, c, 1e-5)
+
+
+def test_triton_rejects_float64():
+    x, q, g, pos, _ = problem(1, 4, 8, 2, 4)
+    with pytest.raises(TypeError, match=r"float16, bfloat16 or float32 x, got torch.float64"):
+        triton_kernels.forward(x.double(), q, g, pos, divisors_for(4), TWO_PI, 1e-5)
 
 
 def test_triton_rejects_too_many_queries():

@@ -1,41 +1,321 @@
-"""Triton kernel of sinusoid_attention_pool (the CUDA path).
+"""Triton kernels of sinusoid_attention_pool (the CUDA path).
 
-Program (split, template) walks its split of the rows in tiles of BLOCK_N. Per tile it forms the
-BLOCK_N x R scores: the row scores (the width in slices of BLOCK_C) and the codes' scores (sin
-and cos of the tile's angles in slices of BLOCK_H channel pairs, the LayerNorm's mean from the
-same slices), updates its running max and sum, and folds the tile's weighted rows into its
-partial pooled rows (R x C, rescaled by the change of the max), kept in its own slice of a
-partial buffer. The partials of a template are merged in split order afterwards: no atomics, the
-same inputs give the same bits. The (N, D) codes and (N, R) scores never touch memory; the
-partials take O(B * R * C) whatever N is.
+The resident kernel (rows and codes up to WIDTH channels) reads each row once. Program
+(template, block of queries, split) first forms the code score of each row of its split (sin and
+cos of the row's angles, LayerNorm'd, against the code queries it holds whole) into its own
+scratch rows, then walks the rows again with the queries held whole: each row's score, the online
+softmax update and the weighted row added to the pooled rows, all in registers. The scratch keeps
+the code queries and the queries from being live at once, which would not fit in the registers.
+A launch covers at most SPLITS * CHUNK rows of each template (longer templates take more
+launches, which reuse the scratch), so the extra memory stops growing with N.
+
+The tiled kernel (wider rows or codes) walks its split in tiles of BLOCK_N rows, reading each
+tile twice (scores, then the weighted sum) and its partial pooled rows from memory each tile.
+
+Either way each program writes its partial pooled rows, max and sum once, and the merge kernel
+adds the splits of a template in split order: no atomics, the same inputs give the same bits.
+The (N, D) codes and (N, C) keys never touch memory, nor the (N, R) scores whole.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fusedset.triton_kernels.registry import CompileVariant, compile_checked
+from fusedset.triton_kernels.registry import (
+    CompileVariant,
+    Launch,
+    compile_checked,
+    compile_checked_helper,
+)
 
 MAX_QUERIES = 64
-# A split covers at least this many rows; a template has at most MAX_SPLITS of them.
-MIN_SPLIT = 512
-MAX_SPLITS = 128
-# Fixed, not tuned: the partial sums are taken per tile, and the tiling must not change with the
-# configuration for the result to keep its bits. The ieee (fp32) dots run on FMA units and hold
-# a whole reduction slice per thread: 16-wide slices of the width and of the channel pairs, the
-# widest that compile without spills at R <= 64 on sm_80 and sm_90 (32-wide ones spilled
-# 100-2000 bytes). Without a register cap ptxas sometimes stopped at 128 and spilled.
+_LABELS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# The resident kernel holds rows of up to WIDTH channels and codes of up to WIDTH channels and
+# QUERY_BLOCK queries a program, in blocks of 16 and 8 (more queries take more programs, each
+# reading the rows again): FaceCoresetNet's 24, and the most that compile without spills on
+# sm_80 and sm_90 with 8 warps (a block of 32 spilled).
+WIDTH = 512
+QUERY_BLOCKS = (16, 8)
+QUERY_BLOCK = sum(QUERY_BLOCKS)
+RESIDENT_LAUNCH = {"num_warps": 8, "num_stages": 1}
+# A template's rows are split over SPLITS programs (one per SM of an H100, where one program of
+# this size is resident at a time), each split at least MIN_SPLIT_ROWS rows; neither depends on
+# the batch, so the order of the partial sums (hence the bits) depends on N alone.
+SPLITS = 132
+MIN_SPLIT_ROWS = 16
+# Rows whose code scores a program's scratch holds: a launch covers SPLITS * CHUNK rows.
+CHUNK = 2048
+
+# The tiled kernel. Fixed, not tuned: the partial sums are taken per tile, and the tiling must
+# not change with the configuration for the result to keep its bits. The ieee (fp32) dots run
+# on FMA units and hold a whole reduction slice per thread: 16-wide slices of the width and of
+# the channel pairs, the widest that compile without spills at R <= 64 on sm_80 and sm_90.
+# Without a register cap ptxas sometimes stopped at 128 and spilled.
+TILED_MIN_SPLIT = 512
+TILED_MAX_SPLITS = 128
 BLOCK_N = 32
 BLOCK_C = 16
 BLOCK_H = 16
-LAUNCH = {"num_warps": 8, "num_stages": 1, "maxnreg": 255}
+TILED_LAUNCH = {"num_warps": 8, "num_stages": 1, "maxnreg": 255}
+
+MERGE_BLOCK_S = 128
+MERGE_BLOCK_C = 64
+MERGE_LAUNCH = {"num_warps": 8, "num_stages": 1}
 
 
-def _variants() -> list[CompileVariant]:
+def _resident_variants() -> list[CompileVariant]:
     variants = []
-    for dtype in ("fp32", "fp16", "bf16"):
+    for dtype in _LABELS.values():
+        signature = {
+            "x_ptr": f"*{dtype}",
+            "queries_ptr": "*fp32",
+            "code_queries_ptr": "*fp32",
+            "positions_ptr": "*fp32",
+            "divisors_ptr": "*fp32",
+            "scale_ptr": "*fp32",
+            "lengths_ptr": "*i64",
+            "codes_ptr": "*fp32",
+            "part_ptr": "*fp32",
+            "stats_ptr": "*fp32",
+            "n": "i32",
+            "c": "i32",
+            "r": "i32",
+            "half": "i32",
+            "row_start": "i32",
+            "rows": "i32",
+            "splits": "i32",
+            "first_split": "i32",
+            "all_splits": "i32",
+            "query_blocks": "i32",
+            "chunk": "i32",
+            "has_scale": "i32",
+            "has_lengths": "i32",
+            "position_scale": "fp32",
+            "eps": "fp32",
+        }
+        constexprs = {"BLOCK_R": QUERY_BLOCKS[0], "BLOCK_R2": QUERY_BLOCKS[1], "WIDTH": WIDTH}
+        variants.append(
+            CompileVariant(f"{dtype} R<={QUERY_BLOCK}", signature, constexprs, RESIDENT_LAUNCH)
+        )
+    return variants
+
+
+@compile_checked_helper
+@triton.jit
+def _load_rows(ptr, first, offs, r, width, cols):
+    """Rows first + offs (those < r) of a row-major (., width) float32 matrix, zero past width."""
+    mask = (offs < r)[:, None] & (cols[None, :] < width)
+    return tl.load(ptr + (first + offs)[:, None] * width + cols[None, :], mask=mask, other=0.0)
+
+
+@compile_checked_helper
+@triton.jit
+def _code_scores(code_queries, totals, code, mean, rstd):
+    """LayerNorm(code) . code_queries_r = rstd (code . g_r - mean sum_d g_r[d])."""
+    return rstd * (tl.sum(code_queries * code[None, :], axis=1) - mean * totals)
+
+
+@compile_checked_helper
+@triton.jit
+def _pool_row(queries, code_score, x, row_scale, running_max, running_sum, pooled):
+    """The online softmax step of one row for a block of queries."""
+    score = tl.sum(queries * x[None, :], axis=1) * row_scale + code_score
+    # Every row here is valid, so the new max is finite (or NaN from a NaN input).
+    new_max = tl.maximum(running_max, score)
+    rescale = tl.exp(running_max - new_max)
+    weight = tl.exp(score - new_max)
+    running_sum = running_sum * rescale + weight
+    pooled = pooled * rescale[:, None] + (weight * row_scale)[:, None] * x[None, :]
+    return new_max, running_sum, pooled
+
+
+@compile_checked_helper
+@triton.jit
+def _store_partial(part_ptr, stats_ptr, first, offs, r, c, cols, pooled, running_max, running_sum):
+    valid = offs < r
+    part = part_ptr + (first + offs)[:, None] * c + cols[None, :]
+    tl.store(part, pooled, mask=valid[:, None] & (cols[None, :] < c))
+    tl.store(stats_ptr + 2 * first + offs, running_max, mask=valid)
+    tl.store(stats_ptr + 2 * first + r + offs, running_sum, mask=valid)
+
+
+@compile_checked(*_resident_variants())
+@triton.jit
+def sinusoid_pool_resident_kernel(
+    x_ptr,
+    queries_ptr,
+    code_queries_ptr,
+    positions_ptr,
+    divisors_ptr,
+    scale_ptr,
+    lengths_ptr,
+    codes_ptr,
+    part_ptr,
+    stats_ptr,
+    n,
+    c,
+    r,
+    half,
+    row_start,
+    rows,
+    splits,
+    first_split,
+    all_splits,
+    query_blocks,
+    chunk,
+    has_scale,
+    has_lengths,
+    position_scale,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_R2: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """Queries [q0, q0 + BLOCK_R + BLOCK_R2) of a template in two blocks (a power of two each):
+    the per-query vectors of the online softmax sit in every thread, so queries past R would
+    cost registers too."""
+    pid = tl.program_id(0)
+    split = pid % splits
+    b = (pid // splits // query_blocks).to(tl.int64)
+    q0 = (pid // splits % query_blocks) * (BLOCK_R + BLOCK_R2)
+    offs_a = q0 + tl.arange(0, BLOCK_R)
+    offs_b = q0 + BLOCK_R + tl.arange(0, BLOCK_R2)
+    cols = tl.arange(0, WIDTH)
+    pairs = tl.arange(0, WIDTH // 2)
+    valid_h = pairs < half
+    # A scalar base: a tensor of pointers would hold two registers per query all along.
+    codes_ptr += pid.to(tl.int64) * chunk * (BLOCK_R + BLOCK_R2)
+    divisors = tl.load(divisors_ptr + pairs, mask=valid_h, other=1.0)
+    length = tl.load(lengths_ptr + b, mask=has_lengths != 0, other=n).to(tl.int32)
+    # Split s of the pass holds its rows [s rows / splits, (s + 1) rows / splits).
+    start = row_start + (split.to(tl.int64) * rows // splits).to(tl.int32)
+    stop = row_start + ((split + 1).to(tl.int64) * rows // splits).to(tl.int32)
+    stop = tl.minimum(stop, length)
+
+    code_queries_a = _load_rows(code_queries_ptr, b * r, offs_a, r, 2 * half, cols)
+    code_queries_b = _load_rows(code_queries_ptr, b * r, offs_b, r, 2 * half, cols)
+    totals_a = tl.sum(code_queries_a, axis=1)
+    totals_b = tl.sum(code_queries_b, axis=1)
+    for i in range(start, stop):
+        # IEEE division, as the CPU kernel and torch: the angles reach hundreds of radians,
+        # where an ulp of the angle is visible in the codes.
+        phase = tl.load(positions_ptr + b * n + i) * position_scale
+        angle = tl.math.div_rn(phase + tl.zeros_like(divisors), divisors)
+        sines = tl.where(valid_h, tl.sin(angle), 0.0)
+        cosines = tl.where(valid_h, tl.cos(angle), 0.0)
+        # The LayerNorm's variance is 1/2 - mean^2 (sin^2 + cos^2 = 1 per pair).
+        mean = tl.sum(sines + cosines, axis=0) / (2 * half)
+        rstd = 1.0 / tl.sqrt_rn(0.5 - mean * mean + eps)
+        code = tl.reshape(tl.join(sines, cosines), (WIDTH,))  # channels 2k, 2k + 1
+        scratch = codes_ptr + (i - start) * (BLOCK_R + BLOCK_R2)
+        code_a = _code_scores(code_queries_a, totals_a, code, mean, rstd)
+        code_b = _code_scores(code_queries_b, totals_b, code, mean, rstd)
+        tl.store(scratch + tl.arange(0, BLOCK_R), code_a, mask=offs_a < r)
+        tl.store(scratch + BLOCK_R + tl.arange(0, BLOCK_R2), code_b, mask=offs_b < r)
+    # The code scores are read back by other threads of the program.
+    tl.debug_barrier()
+
+    queries_a = _load_rows(queries_ptr, b * r, offs_a, r, c, cols)
+    queries_b = _load_rows(queries_ptr, b * r, offs_b, r, c, cols)
+    max_a = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    max_b = tl.full((BLOCK_R2,), float("-inf"), dtype=tl.float32)
+    sum_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sum_b = tl.zeros((BLOCK_R2,), dtype=tl.float32)
+    pooled_a = tl.zeros((BLOCK_R, WIDTH), dtype=tl.float32)
+    pooled_b = tl.zeros((BLOCK_R2, WIDTH), dtype=tl.float32)
+    for i in range(start, stop):
+        row = b * n + i
+        x = tl.load(x_ptr + row * c + cols, mask=cols < c, other=0.0).to(tl.float32)
+        row_scale = tl.load(scale_ptr + row, mask=has_scale != 0, other=1.0)
+        scratch = codes_ptr + (i - start) * (BLOCK_R + BLOCK_R2)
+        code_a = tl.load(scratch + tl.arange(0, BLOCK_R), mask=offs_a < r, other=0.0)
+        code_b = tl.load(scratch + BLOCK_R + tl.arange(0, BLOCK_R2), mask=offs_b < r, other=0.0)
+        max_a, sum_a, pooled_a = _pool_row(queries_a, code_a, x, row_scale, max_a, sum_a, pooled_a)
+        max_b, sum_b, pooled_b = _pool_row(queries_b, code_b, x, row_scale, max_b, sum_b, pooled_b)
+
+    first = (b * all_splits + first_split + split) * r
+    _store_partial(part_ptr, stats_ptr, first, offs_a, r, c, cols, pooled_a, max_a, sum_a)
+    _store_partial(part_ptr, stats_ptr, first, offs_b, r, c, cols, pooled_b, max_b, sum_b)
+
+
+@compile_checked(
+    CompileVariant(
+        "merge",
+        {
+            "part_ptr": "*fp32",
+            "stats_ptr": "*fp32",
+            "pooled_ptr": "*fp32",
+            "logsumexp_ptr": "*fp32",
+            "splits": "i32",
+            "r": "i32",
+            "c": "i32",
+            "col_blocks": "i32",
+        },
+        {"BLOCK_S": MERGE_BLOCK_S, "BLOCK_C": MERGE_BLOCK_C},
+        MERGE_LAUNCH,
+    )
+)
+@triton.jit
+def sinusoid_merge_kernel(
+    part_ptr,
+    stats_ptr,
+    pooled_ptr,
+    logsumexp_ptr,
+    splits,
+    r,
+    c,
+    col_blocks,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program (template, query, block of columns) adds the splits' partial pooled rows
+    (B, splits, R, C) weighted by their maxima and sums (B, splits, 2, R), in split order."""
+    pid = tl.program_id(0)
+    col_block = pid % col_blocks
+    query = (pid // col_blocks).to(tl.int64)
+    b = query // r
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid_c = cols < c
+    # Split s of template b: max and sum at stats + 2 (b splits + s) r + (0 or r) + query, pooled
+    # row at part + ((b splits + s) r + query) c.
+    rows = b * splits * r
+    query_r = query % r
+    top = tl.full((), float("-inf"), dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        split = s0 + tl.arange(0, BLOCK_S)
+        split_max = tl.load(
+            stats_ptr + 2 * (rows + split * r) + query_r, mask=split < splits, other=float("-inf")
+        )
+        top = tl.maximum(top, tl.max(split_max, axis=0))
+    total = tl.zeros((), dtype=tl.float32)
+    pooled = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        split = s0 + tl.arange(0, BLOCK_S)
+        valid_s = split < splits
+        stats = stats_ptr + 2 * (rows + split * r) + query_r
+        split_max = tl.load(stats, mask=valid_s, other=float("-inf"))
+        split_sum = tl.load(stats + r, mask=valid_s, other=0.0)
+        # Splits wholly in the padding have max -inf and sum 0: weight 0.
+        weight = tl.where(valid_s, tl.exp(split_max - top), 0.0)
+        total += tl.sum(weight * split_sum, axis=0)
+        part = tl.load(
+            part_ptr + (rows + split * r + query_r)[:, None] * c + cols[None, :],
+            mask=valid_s[:, None] & valid_c[None, :],
+            other=0.0,
+        )
+        pooled += tl.sum(weight[:, None] * part, axis=0)
+    tl.store(pooled_ptr + query * c + cols, pooled / total, mask=valid_c)
+    tl.store(logsumexp_ptr + query, top + tl.log(total), mask=col_block == 0)
+
+
+def _tiled_variants() -> list[CompileVariant]:
+    variants = []
+    for dtype in _LABELS.values():
         for block_r in (16, 32, MAX_QUERIES):
             for has_scale in (False, True):
                 signature = {
@@ -54,6 +334,8 @@ def _variants() -> list[CompileVariant]:
                     "r": "i32",
                     "half": "i32",
                     "split_size": "i32",
+                    "splits": "i32",
+                    "has_lengths": "i32",
                     "position_scale": "fp32",
                     "eps": "fp32",
                 }
@@ -65,11 +347,11 @@ def _variants() -> list[CompileVariant]:
                     "BLOCK_H": BLOCK_H,
                 }
                 label = f"{dtype} R<={block_r}{' scaled' if has_scale else ''}"
-                variants.append(CompileVariant(label, signature, constexprs, LAUNCH))
+                variants.append(CompileVariant(label, signature, constexprs, TILED_LAUNCH))
     return variants
 
 
-@compile_checked(*_variants())
+@compile_checked(*_tiled_variants())
 @triton.jit
 def sinusoid_pool_kernel(
     x_ptr,
@@ -87,6 +369,8 @@ def sinusoid_pool_kernel(
     r,
     half,
     split_size,
+    splits,
+    has_lengths,
     position_scale,
     eps,
     HAS_SCALE: tl.constexpr,
@@ -95,15 +379,17 @@ def sinusoid_pool_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    splits = tl.num_programs(0)
+    """The tiled kernel; part (B, splits, R, C) starts at zero."""
+    pid = tl.program_id(0)
+    split = pid % splits
+    b = (pid // splits).to(tl.int64)
     x_ptr += b * n * c
     queries_ptr += b * r * c
     code_queries_ptr += b * r * 2 * half
     positions_ptr += b * n
     scale_ptr += b * n
-    part_ptr += (b * splits + split) * BLOCK_R * c
+    first = (b * splits + split) * r
+    part_ptr += first * c
     offs_r = tl.arange(0, BLOCK_R)
     valid_r = offs_r < r
     totals = tl.load(totals_ptr + b * r + offs_r, mask=valid_r, other=0.0)
@@ -111,7 +397,8 @@ def sinusoid_pool_kernel(
     running_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     start = split * split_size
-    stop = tl.minimum(start + split_size, tl.load(lengths_ptr + b).to(tl.int32))
+    length = tl.load(lengths_ptr + b, mask=has_lengths != 0, other=n).to(tl.int32)
+    stop = tl.minimum(start + split_size, length)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid_n = offs_n < stop
@@ -167,13 +454,85 @@ def sinusoid_pool_kernel(
             x = tl.load(rows + cols[None, :], mask=valid_n[:, None] & (cols[None, :] < c),
                         other=0.0).to(tl.float32)  # fmt: skip
             part = part_ptr + offs_r[:, None] * c + cols[None, :]
-            pooled = tl.load(part, mask=cols[None, :] < c, other=0.0) * rescale[:, None]
+            part_mask = valid_r[:, None] & (cols[None, :] < c)
+            pooled = tl.load(part, mask=part_mask, other=0.0) * rescale[:, None]
             pooled += tl.dot(tl.trans(weights), x, input_precision="ieee")
-            tl.store(part, pooled, mask=cols[None, :] < c)
+            tl.store(part, pooled, mask=part_mask)
 
-    stats = stats_ptr + ((b * splits + split) * 2) * BLOCK_R + offs_r
-    tl.store(stats, running_max)
-    tl.store(stats + BLOCK_R, running_sum)
+    stats = stats_ptr + 2 * first + offs_r
+    tl.store(stats, running_max, mask=valid_r)
+    tl.store(stats + r, running_sum, mask=valid_r)
+
+
+# ---------------------------------------------------------------- plans and the launcher
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How forward splits the work, a function of the shapes alone (so the order in which the
+    partial sums are added, hence the bits of the result, is too)."""
+
+    resident: bool
+    passes: tuple[tuple[int, int, int], ...]  # (first row, rows, splits) of each launch
+    split_size: int  # tiled kernel: rows of a split
+    block_r: int
+    query_blocks: int  # programs of a split
+    chunk: int  # resident kernel: rows of a program's scratch (its longest split)
+
+    @property
+    def splits(self) -> int:
+        return sum(splits for _, _, splits in self.passes)
+
+
+def _geometry(n: int, c: int, r: int, half: int) -> _Geometry:
+    if r > MAX_QUERIES:
+        raise ValueError(f"sinusoid_attention_pool: the Triton kernel takes R <= {MAX_QUERIES}, "
+                         f"got R = {r}")  # fmt: skip
+    n = max(n, 1)
+    if c <= WIDTH and 2 * half <= WIDTH:
+        passes = []
+        for start in range(0, n, SPLITS * CHUNK):
+            rows = min(SPLITS * CHUNK, n - start)
+            passes.append((start, rows, max(1, min(SPLITS, triton.cdiv(rows, MIN_SPLIT_ROWS)))))
+        chunk = max(triton.cdiv(rows, splits) for _, rows, splits in passes)
+        return _Geometry(True, tuple(passes), 0, QUERY_BLOCK, triton.cdiv(r, QUERY_BLOCK), chunk)
+    splits = max(1, min(TILED_MAX_SPLITS, triton.cdiv(n, TILED_MIN_SPLIT)))
+    size = triton.cdiv(triton.cdiv(n, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(n, size)
+    block_r = max(16, triton.next_power_of_2(r))
+    return _Geometry(False, ((0, n, splits),), size, block_r, 1, 0)
+
+
+def _label(dtype: torch.dtype) -> str:
+    if dtype not in _LABELS:
+        raise TypeError(
+            f"sinusoid_attention_pool: the Triton kernel takes float16, bfloat16 or float32 x, "
+            f"got {dtype}"
+        )
+    return _LABELS[dtype]
+
+
+def _plan(geometry: _Geometry, b: int, c: int, r: int, label: str, has_scale: bool):
+    if geometry.resident:
+        variant = f"{label} R<={geometry.block_r}"
+        programs = [b * geometry.query_blocks * splits for _, _, splits in geometry.passes]
+        main = [Launch("sinusoid_pool_resident_kernel", variant, (p,)) for p in programs]
+    else:
+        variant = f"{label} R<={geometry.block_r}{' scaled' if has_scale else ''}"
+        main = [Launch("sinusoid_pool_kernel", variant, (b * geometry.splits,))]
+    return [
+        *main,
+        Launch("sinusoid_merge_kernel", "merge", (b * r * triton.cdiv(c, MERGE_BLOCK_C),)),
+    ]
+
+
+def forward_plan(
+    b: int, n: int, c: int, r: int, half: int, dtype: torch.dtype, has_scale: bool
+) -> list[Launch]:
+    """The Triton launches of ``forward`` for these sizes, in order, without tensors."""
+    geometry = _geometry(n, c, r, half)
+    label = _label(dtype)
+    return _plan(geometry, b, c, r, label, has_scale) if b > 0 else []
 
 
 def forward(
@@ -191,37 +550,57 @@ def forward(
     (pooled (B, R, C), logsumexp (B, R)) in float32."""
     batch, n, c = x.shape
     r = queries.shape[1]
-    if r > MAX_QUERIES:
-        raise ValueError(f"sinusoid_attention_pool: the Triton kernel takes R <= {MAX_QUERIES}, "
-                         f"got R = {r}")  # fmt: skip
     half = divisors.shape[0]
-    device = x.device
-    f32 = {"dtype": torch.float32, "device": device}
-    code_queries = position_queries.to(**f32)
-    totals = code_queries.sum(-1).contiguous()
-    # Channels [sines | cosines], as the kernel reads them.
-    code_queries = torch.cat([code_queries[..., 0::2], code_queries[..., 1::2]], -1).contiguous()
-    if lengths is None:
-        lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(n, MIN_SPLIT)))
-    split_size = triton.cdiv(triton.cdiv(n, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(n, split_size)
-    block_r = max(16, triton.next_power_of_2(r))
-    part = torch.zeros(batch, splits, block_r, c, **f32)
-    stats = torch.empty(batch, splits, 2, block_r, **f32)
-    scale = row_scale.to(**f32).contiguous() if row_scale is not None else totals
-    sinusoid_pool_kernel[(splits, batch)](
-        x.contiguous(), queries.to(**f32).contiguous(), code_queries, totals,
-        positions.to(**f32).contiguous(), divisors.to(**f32).contiguous(), scale,
-        lengths.to(device=device, dtype=torch.int64).contiguous(), part, stats,
-        n, c, r, half, split_size, position_scale, eps,
-        HAS_SCALE=row_scale is not None, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-        BLOCK_H=BLOCK_H, **LAUNCH,
+    geometry = _geometry(n, c, r, half)
+    label = _label(x.dtype)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    pooled = torch.empty(batch, r, c, **f32)
+    logsumexp = torch.empty(batch, r, **f32)
+    if batch == 0:
+        return pooled, logsumexp
+    *main, merge = _plan(geometry, batch, c, r, label, row_scale is not None)
+    part_shape = (batch, geometry.splits, r, c)
+    stats = torch.empty(batch, geometry.splits, 2, r, **f32)
+    x = x.contiguous()
+    queries = queries.to(**f32).contiguous()
+    positions = positions.to(**f32).contiguous()
+    divisors = divisors.to(**f32).contiguous()
+    scale = positions if row_scale is None else row_scale.to(**f32).contiguous()
+    has_lengths = int(lengths is not None)
+    if lengths is None:  # never read
+        lengths = torch.empty(1, dtype=torch.int64, device=x.device)
+    else:
+        lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
+    if geometry.resident:
+        part = torch.empty(part_shape, **f32)
+        code_queries = position_queries.to(**f32).contiguous()
+        # Launches run in order on the stream: each pass reuses the scratch.
+        programs = max(launch.grid[0] for launch in main)
+        codes = torch.empty(programs, geometry.chunk, geometry.block_r, **f32)
+        first_split = 0
+        for launch, (row_start, rows, splits) in zip(main, geometry.passes, strict=True):
+            sinusoid_pool_resident_kernel[launch.grid](
+                x, queries, code_queries, positions, divisors, scale, lengths, codes, part,
+                stats, n, c, r, half, row_start, rows, splits, first_split, geometry.splits,
+                geometry.query_blocks, geometry.chunk, int(row_scale is not None), has_lengths,
+                position_scale, eps, BLOCK_R=QUERY_BLOCKS[0], BLOCK_R2=QUERY_BLOCKS[1], WIDTH=WIDTH,
+                **RESIDENT_LAUNCH,
+            )  # fmt: skip
+            first_split += splits
+    else:
+        part = torch.zeros(part_shape, **f32)
+        code_queries = position_queries.to(**f32)
+        totals = code_queries.sum(-1).contiguous()
+        # Channels [sines | cosines], as the tiled kernel reads them.
+        code_queries = torch.cat([code_queries[..., 0::2], code_queries[..., 1::2]], -1)
+        sinusoid_pool_kernel[main[0].grid](
+            x, queries, code_queries.contiguous(), totals, positions, divisors, scale, lengths,
+            part, stats, n, c, r, half, geometry.split_size, geometry.splits, has_lengths,
+            position_scale, eps, HAS_SCALE=row_scale is not None, BLOCK_R=geometry.block_r,
+            BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, **TILED_LAUNCH,
+        )  # fmt: skip
+    sinusoid_merge_kernel[merge.grid](
+        part, stats, pooled, logsumexp, geometry.splits, r, c, triton.cdiv(c, MERGE_BLOCK_C),
+        BLOCK_S=MERGE_BLOCK_S, BLOCK_C=MERGE_BLOCK_C, **MERGE_LAUNCH,
     )  # fmt: skip
-    split_max, split_sum = stats[:, :, 0, :r], stats[:, :, 1, :r]
-    top = split_max.amax(dim=1)
-    # Splits wholly in the padding have max -inf and sum 0: weight 0.
-    weight = torch.exp(split_max - top[:, None])
-    total = (weight * split_sum).sum(dim=1)
-    pooled = (weight[..., None] * part[:, :, :r]).sum(dim=1) / total[..., None]
-    return pooled, top + total.log()
+    return pooled, logsumexp

@@ -7,10 +7,10 @@ those names, state dicts, attributes and calls, and run ``fusedset.nn.CAFace`` a
 that such code changes the line that builds the module and nothing else:
 
     aggregator = StyleBasedAggregator.from_official("caface.ckpt")
-    style = aggregator.compress_intermediate([block3_stats, block5_stats])  # per image batch
+    compressed = aggregator.compress_intermediate([block3_stats, block5_stats])  # per batch
     aggregator.memory_count = 0  # a new probe
-    for features, compressed in splits:  # at most max_element images each
-        result = aggregator(features, compressed)
+    for features, compressed_split in splits:  # at most max_element images each
+        result = aggregator(features, compressed_split)
     fused = result["aggregated"]
 
     aggregate_model = TemplateAggregateModel.from_official("facecoresetnet.ckpt")

@@ -63,9 +63,9 @@ BLOCK_C = 16
 BLOCK_H = 16
 TILED_LAUNCH = {"num_warps": 8, "num_stages": 1, "maxnreg": 255}
 
-MERGE_BLOCK_S = 128
+MERGE_BLOCK_S = 64
 MERGE_BLOCK_C = 64
-MERGE_LAUNCH = {"num_warps": 8, "num_stages": 1}
+MERGE_LAUNCH = {"num_warps": 4, "num_stages": 1}
 
 
 def _resident_variants() -> list[CompileVariant]:

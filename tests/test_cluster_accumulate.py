@@ -8,6 +8,7 @@ from fusedset.ops import cluster_accumulate, cluster_accumulate_caface
 from .helpers import (
     DEVICES,
     RTOL,
+    TRITON_DEVICE,
     assert_compiled_matches_reference,
     assert_rel_close,
     torch_threads,
@@ -207,83 +208,211 @@ def test_caface_public_op_shapes_and_reference():
 
 # ---------------------------------------------------------------- Triton (interpreted on CPU)
 
+# The Triton dots run in ieee fp32 on the upcast inputs: the fp32 outputs of fp16 and bf16
+# inputs meet the float64 truth on the same rounded inputs as closely as fp32 ones do (a tf32
+# dot would be off by about 1e-3). Gradients come back in the input dtype, off by its rounding.
+TRITON_RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+TRITON_GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
+
+def triton_problem(b, n, d, m, c, dtype, shared, seed=0):
+    """Keys, queries, values with row norms spread over two orders of magnitude, and a bias."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, n, d, generator=g)
+    queries = torch.randn(1 if shared else b, m, d, generator=g)
+    values = torch.randn(b, n, c, generator=g) * (torch.rand(b, n, 1, generator=g) * 20 + 0.2)
+    bias = torch.randn(queries.shape[:2], generator=g)
+    return [t.to(device=TRITON_DEVICE, dtype=dtype) for t in (keys, queries, values, bias)]
+
+
+def reference_outputs(keys, queries, values, bias, scale, caface):
+    """(num, den, key_num) of the eager reference, as the Triton launcher returns them."""
+    if caface:
+        num, key_num, den = reference.cluster_accumulate_caface(keys, values, queries, bias, scale)
+        return num, den, key_num
+    num, den = reference.cluster_accumulate(keys, queries, values, scale)
+    return num, den, num.new_zeros((*den.shape, 0))
+
+
+def reference_gradients(grads, keys, queries, values, bias, scale, caface):
+    """Gradients of sum(output * grad) in (keys, queries, values, bias), in float64."""
+    inputs = [t.detach().double().requires_grad_() for t in (keys, queries, values, bias)]
+    outputs = reference_outputs(*inputs, scale, caface)
+    loss = sum((o * g.double()).sum() for o, g in zip(outputs, grads, strict=True))
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def run_both_passes(b, n, d, m, c, dtype, shared, caface, scale=0.3):
+    """Inputs (the bias too, used by the CAFace form only), outputs, output gradients and
+    input gradients of the launchers."""
+    keys, queries, values, bias = triton_problem(b, n, d, m, c, dtype, shared)
+    used = bias if caface else None
+    out = triton_kernels.forward(keys, queries, values, scale, used, caface, caface)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, generator=g).to(o) for o in out]
+    back = triton_kernels.backward(*grads, keys, queries, values, scale, used, caface, caface)
+    return (keys, queries, values, bias), out, grads, back
+
+
+@pytest.mark.parametrize("caface", [False, True], ids=["plain", "caface"])
 @pytest.mark.parametrize(
-    ("n", "m", "dtype", "shared"),
+    ("b", "n", "d", "m", "c", "dtype", "shared"),
     [
-        (1, 1, torch.float32, False),
-        (2, 4, torch.float32, True),
-        (255, 8, torch.float16, False),
-        (257, 64, torch.float32, True),
-        (1100, 4, torch.bfloat16, True),
+        (2, 1, 24, 1, 40, torch.float32, False),  # N = 1, M = 1
+        (2, 257, 33, 4, 41, torch.float16, True),  # tails, odd D and C
+        (1, 40, 128, 16, 512, torch.bfloat16, False),  # the full-width path at its limits
+        (1, 150, 17, 17, 23, torch.float32, True),  # M = 17: column blocks
+        (1, 30, 136, 5, 520, torch.float32, False),  # D > 128, C > 512: column blocks
+        (1, 45, 40, 64, 72, torch.float16, False),  # M = 64
     ],
 )
 @pytest.mark.usefixtures("poisoned_outputs")
-def test_triton_forward_matches_reference(n, m, dtype, shared):
-    keys, queries, values = problem(2, n, 24, m, 40, dtype, shared)
-    out = triton_kernels.forward(keys, queries, values, 0.2)
-    check_forward(out, keys, queries, values, 0.2, dtype)
+def test_triton_matches_reference(b, n, d, m, c, dtype, shared, caface):
+    """Forward and backward of both forms against the float64 reference on the same inputs."""
+    inputs, out, grads, back = run_both_passes(b, n, d, m, c, dtype, shared, caface)
+    expected = reference_outputs(*(t.double() for t in inputs), 0.3, caface)
+    for got, want in zip(out, expected, strict=True):
+        assert got.dtype == torch.float32
+        assert got.shape == want.shape
+        assert_rel_close(got, want, TRITON_RTOL[dtype])
+    expected_grads = reference_gradients(grads, *inputs, 0.3, caface)
+    for got, want, t in zip(back[:3], expected_grads[:3], inputs[:3], strict=True):
+        assert got.dtype == t.dtype
+        assert got.shape == t.shape
+        assert_rel_close(got, want, TRITON_GRAD_RTOL[dtype])
+    if caface:
+        assert_rel_close(back[3], expected_grads[3], TRITON_GRAD_RTOL[dtype])
+    else:
+        assert back[3].numel() == 0
+
+
+@pytest.mark.parametrize("caface", [False, True], ids=["plain", "caface"])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_float64_matches_cpp(caface):
+    keys, queries, values, bias = triton_problem(2, 130, 16, 4, 72, torch.float64, caface)
+    bias = bias if caface else None
+    args = (keys, queries, values, 0.3, bias, caface, caface)
+    out = triton_kernels.forward(*args)
+    for got, want in zip(out, cpp(*args), strict=True):
+        assert_rel_close(got, want, 1e-12)
+    grads = [torch.randn(o.shape, dtype=torch.float64).to(o) for o in out]
+    for got, want in zip(triton_kernels.backward(*grads, *args), cpp_backward(*grads, *args),
+                         strict=True):  # fmt: skip
+        assert got.shape == want.shape
+        if want.numel():
+            assert_rel_close(got, want, 1e-12)
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_triton_widest_shapes():
-    """M = 64, D = 256, C = 1024: the issue's limits, forward and backward."""
-    keys, queries, values = problem(1, 40, 256, 64, 1024, shared=True)
-    check_forward(triton_kernels.forward(keys, queries, values, 0.06), keys, queries, values,
-                  0.06, torch.float32)  # fmt: skip
-    grads = (torch.randn(1, 64, 1024), torch.randn(1, 64), torch.randn(1, 64, 0))
-    args = (*grads, keys, queries, values, 0.06, None, False, False)
-    for g, e in zip(triton_kernels.backward(*args), cpp_backward(*args), strict=True):
-        if e.numel():
-            assert_rel_close(g, e, 1e-5)
+    """M = 64, D = 256, C = 1024, the issue's limits, forward (the backward's column blocks are
+    the same loops, run by the cases above)."""
+    keys, queries, values, _ = triton_problem(1, 9, 256, 64, 1024, torch.float32, True)
+    out = triton_kernels.forward(keys, queries, values, 0.06)
+    for got, want in zip(out, cpp(keys, queries, values, 0.06), strict=True):
+        assert_rel_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize(
-    "config", triton_kernels.cluster_forward_kernel.configs if triton_kernels else [], ids=str
-)
 @pytest.mark.usefixtures("poisoned_outputs")
-def test_triton_forward_every_config_caface_form(config):
-    tokens, features, centers, bias = caface_problem(2, 300, 16, 4, 150)
-    got = triton_kernels.forward(tokens, centers, features, 0.3, bias, True, True, config)
-    expected = cpp(tokens, centers, features, 0.3, bias, True, True)
-    for g, e in zip(got, expected, strict=True):
-        assert_rel_close(g, e, 1e-5)
-
-
-@pytest.mark.parametrize(
-    "config", triton_kernels.cluster_backward_kernel.configs if triton_kernels else [], ids=str
-)
-@pytest.mark.parametrize("caface", [False, True])
-@pytest.mark.usefixtures("poisoned_outputs")
-def test_triton_backward_matches_cpp(caface, config):
-    keys, queries, values = problem(2, 700, 16, 4, 72, torch.float64, shared=caface)
-    bias = torch.randn(queries.shape[:2], dtype=torch.float64) if caface else None
-    grads = (
-        torch.randn(2, 4, 72, dtype=torch.float64),
-        torch.randn(2, 4, dtype=torch.float64),
-        torch.randn(2, 4, 16 if caface else 0, dtype=torch.float64),
-    )
-    args = (*grads, keys, queries, values, 0.3, bias, caface, caface)
-    got = triton_kernels.backward(*args, config=config)
-    expected = cpp_backward(*args)
-    for g, e in zip(got, expected, strict=True):
-        assert g.shape == e.shape
-        if e.numel():
-            assert_rel_close(g, e, 1e-12)
-
-
 def test_triton_is_bitwise_deterministic():
-    keys, queries, values = problem(1, 1500, 16, 4, 24)
-    first = triton_kernels.forward(keys, queries, values, 0.3)
-    second = triton_kernels.forward(keys, queries, values, 0.3)
-    for a, b in zip(first, second, strict=True):
+    """Several splits per probe and queries shared by three probes: the partials are added in
+    the same order on every run."""
+    first = run_both_passes(3, 250, 8, 4, 12, torch.float32, True, True)
+    second = run_both_passes(3, 250, 8, 4, 12, torch.float32, True, True)
+    for a, b in zip((*first[1], *first[3]), (*second[1], *second[3]), strict=True):
         assert torch.equal(a, b)
 
 
 def test_triton_rejects_too_many_centers():
-    keys, queries, values = problem(1, 4, 8, 65, 4)
+    keys, queries, values, _ = triton_problem(1, 4, 8, 65, 4, torch.float32, False)
     with pytest.raises(ValueError, match=r"M <= 64 centers, got M = 65"):
         triton_kernels.forward(keys, queries, values, 0.3)
+    with pytest.raises(ValueError, match=r"M <= 64 centers, got M = 65"):
+        triton_kernels.forward_plan(1, 4, 8, 4, 65, 0, torch.float32, False)
+
+
+def recorded_launches(thunk):
+    """(kernel name, grid, keyword arguments) of every Triton launch thunk makes."""
+    from triton.runtime import interpreter
+
+    launches = []
+    original = interpreter.GridExecutor.__call__
+
+    def record(self, *args, **kwargs):
+        grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+        launches.append((self.fn.__name__, grid, kwargs))
+        return original(self, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = record
+    try:
+        thunk()
+    finally:
+        interpreter.GridExecutor.__call__ = original
+    return launches
+
+
+def registered_variant(kernel, label):
+    from fusedset.triton_kernels import REGISTRY
+
+    entry = next(k for k in REGISTRY if k.name == kernel)
+    return next(v for v in entry.variants if v.label == label)
+
+
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="records the interpreter's launches")
+@pytest.mark.parametrize(
+    ("b", "n", "d", "m", "c", "dtype", "shared", "caface"),
+    [
+        (1, 1, 24, 4, 40, torch.float32, True, False),
+        (3, 250, 33, 16, 41, torch.bfloat16, True, True),
+        (2, 300, 16, 4, 72, torch.float16, False, True),
+        (2, 90, 17, 17, 23, torch.float32, False, False),
+        (1, 60, 8, 4, 12, torch.float64, True, True),
+    ],
+)
+def test_triton_launchers_launch_their_plans(b, n, d, m, c, dtype, shared, caface):
+    """The grids, kernels and constexprs the launchers run are the plan's, launch by launch."""
+    kd = d if caface else 0
+    inputs = {}
+
+    def both():
+        inputs["run"] = run_both_passes(b, n, d, m, c, dtype, shared, caface)
+
+    launches = recorded_launches(both)
+    planned = triton_kernels.forward_plan(b, n, d, c, m, kd, dtype, caface)
+    planned += triton_kernels.backward_plan(b, n, d, c, m, kd, dtype, caface)
+    assert [(name, grid) for name, grid, _ in launches] == [
+        (p.kernel, p.grid + (1,) * (3 - len(p.grid))) for p in planned
+    ]
+    for (_, _, kwargs), p in zip(launches, planned, strict=True):
+        variant = registered_variant(p.kernel, p.variant)
+        assert {k: kwargs[k] for k in variant.constexprs} == dict(variant.constexprs)
+        assert {k: kwargs[k] for k in variant.options} == dict(variant.options)
+
+
+def test_triton_plans_fill_the_gpu_and_name_registered_variants():
+    """Pure plans: every launch a registered kernel and variant with a one-dimensional grid
+    (probes folded into axis 0, so B past 65535 launches); from N = 16384 at B = 1 at least one
+    program per H100 SM in both passes and forms."""
+    plans = (triton_kernels.forward_plan, triton_kernels.backward_plan)
+    for b, n, d, c, m, dtype in [
+        (1, 16384, 128, 512, 4, torch.float32),
+        (1, 65536, 128, 512, 16, torch.float16),
+        (1, 1_048_576, 128, 512, 4, torch.bfloat16),
+        (32, 65536, 128, 512, 4, torch.float32),
+        (70_000, 3, 128, 512, 4, torch.float32),
+        (1, 5_000_000, 256, 1024, 64, torch.float32),
+        (2, 16384, 64, 48, 17, torch.float64),
+    ]:
+        for caface in (False, True):
+            kd = d if caface else 0
+            for plan in plans:
+                launches = plan(b, n, d, c, m, kd, dtype, caface)
+                for launch in launches:
+                    registered_variant(launch.kernel, launch.variant)
+                    assert len(launch.grid) == 1
+                if b == 1 and n >= 16384:
+                    assert launches[0].grid[0] >= 132
+    assert triton_kernels.forward_plan(0, 10, 8, 8, 4, 0, torch.float32, False) == []
 
 
 # ---------------------------------------------------------------- torch integration

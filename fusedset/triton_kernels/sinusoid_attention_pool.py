@@ -7,14 +7,16 @@ scratch rows, then walks the rows again with the queries held whole: each row's 
 softmax update and the weighted row added to the pooled rows, all in registers. The scratch keeps
 the code queries and the queries from being live at once, which would not fit in the registers.
 A launch covers at most SPLITS * CHUNK rows of each template (longer templates take more
-launches, which reuse the scratch), so the extra memory stops growing with N.
+launches, which reuse the scratch): the scratch stays under CHUNK rows a program whatever N is,
+and the partials grow by one split's R x C floats every CHUNK rows.
 
 The tiled kernel (wider rows or codes) walks its split in tiles of BLOCK_N rows, reading each
 tile twice (scores, then the weighted sum) and its partial pooled rows from memory each tile.
 
 Either way each program writes its partial pooled rows, max and sum once, and the merge kernel
 adds the splits of a template in split order: no atomics, the same inputs give the same bits.
-The (N, D) codes and (N, C) keys never touch memory, nor the (N, R) scores whole.
+The (N, D) codes and (N, C) keys never touch memory; the resident kernel's code scores pass
+through its scratch.
 """
 
 from __future__ import annotations

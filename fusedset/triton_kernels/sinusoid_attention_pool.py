@@ -50,8 +50,10 @@ RESIDENT_LAUNCH = {"num_warps": 8, "num_stages": 1}
 # the batch, so the order of the partial sums (hence the bits) depends on N alone.
 SPLITS = 132
 MIN_SPLIT_ROWS = 16
-# Rows whose code scores a program's scratch holds: a launch covers SPLITS * CHUNK rows.
-CHUNK = 2048
+# Rows whose code scores a program's scratch holds: a launch covers SPLITS * CHUNK rows, a
+# template of 2^20 rows in one launch. Each further launch reads the queries and code queries
+# and writes the partials again.
+CHUNK = 8192
 
 # The tiled kernel. Fixed, not tuned: the partial sums are taken per tile, and the tiling must
 # not change with the configuration for the result to keep its bits. The ieee (fp32) dots run

@@ -373,7 +373,6 @@ void series_powers(const acc_t* positions, int64_t count, acc_t position_scale,
 // LayerNorm's statistics come with them.
 template <typename acc_t>
 struct CodeProduct {
-  int64_t columns;
   int64_t padded;  // row length of the products
   int64_t half;    // channel pairs
   int64_t pairs;   // the exactly taken pairs, [0, pairs)
@@ -385,8 +384,7 @@ struct CodeProduct {
 
   // vectors (B, columns, D): the columns, reordered [sines | cosines].
   CodeProduct(const SinusoidPoolProblem& p, const acc_t* vectors, int64_t columns)
-      : columns(columns),
-        padded(padded_width(columns)),
+      : padded(padded_width(columns)),
         half(p.divisors.size(0)),
         series(make_series(p, vectors, columns)),
         divisors(p.divisors.const_data_ptr<acc_t>()),

@@ -259,11 +259,11 @@ def run_both_passes(b, n, d, m, c, dtype, shared, caface, scale=0.3):
     ("b", "n", "d", "m", "c", "dtype", "shared"),
     [
         (2, 1, 24, 1, 40, torch.float32, False),  # N = 1, M = 1
-        (2, 257, 33, 4, 41, torch.float16, True),  # tails, odd D and C
-        (1, 40, 128, 16, 512, torch.bfloat16, False),  # the full-width path at its limits
+        (2, 130, 33, 4, 41, torch.float16, True),  # two splits with tails, odd D and C
+        (1, 17, 128, 16, 512, torch.bfloat16, False),  # the full-width path at its limits
         (1, 150, 17, 17, 23, torch.float32, True),  # M = 17: column blocks
-        (1, 30, 136, 5, 520, torch.float32, False),  # D > 128, C > 512: column blocks
-        (1, 45, 40, 64, 72, torch.float16, False),  # M = 64
+        (1, 12, 136, 5, 520, torch.float32, False),  # D > 128, C > 512: column blocks
+        (1, 20, 40, 64, 72, torch.float16, False),  # M = 64
     ],
 )
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -363,8 +363,8 @@ def registered_variant(kernel, label):
     ("b", "n", "d", "m", "c", "dtype", "shared", "caface"),
     [
         (1, 1, 24, 4, 40, torch.float32, True, False),
-        (3, 250, 33, 16, 41, torch.bfloat16, True, True),
-        (2, 300, 16, 4, 72, torch.float16, False, True),
+        (3, 130, 33, 16, 41, torch.bfloat16, True, True),
+        (2, 130, 16, 4, 72, torch.float16, False, True),
         (2, 90, 17, 17, 23, torch.float32, False, False),
         (1, 60, 8, 4, 12, torch.float64, True, True),
     ],

@@ -14,8 +14,9 @@ Two paths, each a pure plan function (``forward_plan``, ``backward_plan``) that 
   everywhere, slower: it re-reads keys once per column block.
 
 Each program writes one partial (its sums, or its share of the query and bias gradients); a
-reduce kernel adds the partials of a probe in split order and writes the outputs. No atomics:
-the same inputs give the same bits. The number of splits is a function of (B, N) only.
+reduce kernel adds the partials of a probe (of every probe for the query gradient of shared
+queries) in a fixed order and writes the outputs. No atomics: the same inputs give the same
+bits. The number of splits is a function of (B, N) only.
 
 Every dot runs in ieee fp32 on the inputs upcast to fp32 (fp64 for fp64), so fp16 and bf16
 inputs are accumulated exactly as their fp32 upcast would be, never through tf32.
@@ -63,13 +64,15 @@ _LABELS = {
 _ACC = {"fp32": tl.float32, "fp16": tl.float32, "bf16": tl.float32, "fp64": tl.float64}
 _ACC_LABEL = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}
 
-# Launch configurations, fixed (no autotune): the compile check covers exactly what runs.
-_WIDE_FORWARD = {"BLOCK_N": 16, "options": {"num_warps": 8, "num_stages": 1}}
-_WIDE_BACKWARD = {"BLOCK_N": 8, "options": {"num_warps": 8, "num_stages": 1}}
-# The ieee (fp32) dots of the blocked path run on FMA units and hold a whole reduction slice
-# per thread: narrow slices (BLOCK_D, BLOCK_N), one pipeline stage.
-_BLOCKED_FORWARD = {"BLOCK_N": 32, "BLOCK_C": 64, "BLOCK_D": 32, "num_warps": 8}
-_BLOCKED_BACKWARD = {"BLOCK_N": 32, "BLOCK_C": 16, "BLOCK_D": 16, "num_warps": 8}
+# Launch configurations, fixed (no autotune): the compile check covers exactly what runs. The
+# ieee (fp32) dots run on FMA units and hold a whole reduction slice per thread, so tiles stay
+# narrow where they reduce, and one pipeline stage: the memory-bound loops gain nothing from
+# more. The full-width backward holds twice the forward's tiles (gradients beside inputs): 8
+# rows a tile, as 16 spill.
+_WIDE_FORWARD = {"BLOCK_N": 16, "BLOCK_D": WIDE_D, "BLOCK_C": WIDE_C, "num_warps": 8}
+_WIDE_BACKWARD = {"BLOCK_N": 8, "BLOCK_D": WIDE_D, "BLOCK_C": WIDE_C, "num_warps": 8}
+_BLOCKED_FORWARD = {"BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_C": 64, "num_warps": 8}
+_BLOCKED_BACKWARD = {"BLOCK_N": 32, "BLOCK_D": 16, "BLOCK_C": 16, "num_warps": 8}
 _REDUCE_OPTIONS = {"num_warps": 4, "num_stages": 1}
 
 _SCALARS = {
@@ -85,13 +88,6 @@ _SCALARS = {
     "normalize": "i32",
     "scale": "fp32",
 }
-_BACKWARD_POINTERS = (
-    "grad_num_ptr",
-    "grad_den_ptr",
-    "grad_key_num_ptr",
-    "grad_keys_ptr",
-    "grad_values_ptr",
-)
 
 
 def _signature(label: str, backward: bool) -> dict[str, str]:
@@ -118,34 +114,15 @@ def _signature(label: str, backward: bool) -> dict[str, str]:
     }
 
 
-def _wide_block_m(m: int) -> int:
-    # An fp32 dot needs a reduction of at least 8 (the backward reduces over the centers).
-    return 8 if m <= 8 else WIDE_M
+def _block_m(m: int, blocks: tuple[int, int]) -> int:
+    """The smaller center block when M fits it. On the full-width path it is 8, not less: an
+    fp32 dot reduces over at least 8 (the backward's reduce over the centers)."""
+    return blocks[0] if m <= blocks[0] else blocks[1]
 
 
-def _wide_variant(label: str, block_m: int, backward: bool) -> CompileVariant:
-    config = _WIDE_BACKWARD if backward else _WIDE_FORWARD
-    constexprs = {
-        "BLOCK_M": block_m,
-        "BLOCK_N": config["BLOCK_N"],
-        "BLOCK_D": WIDE_D,
-        "BLOCK_C": WIDE_C,
-        "ACC": _ACC[label],
-    }
-    return CompileVariant(
-        f"{label} M<={block_m}", _signature(label, backward), constexprs, config["options"]
-    )
-
-
-def _blocked_variant(label: str, block_m: int, backward: bool) -> CompileVariant:
-    config = _BLOCKED_BACKWARD if backward else _BLOCKED_FORWARD
-    constexprs = {
-        "BLOCK_M": block_m,
-        "BLOCK_N": config["BLOCK_N"],
-        "BLOCK_D": config["BLOCK_D"],
-        "BLOCK_C": config["BLOCK_C"],
-        "ACC": _ACC[label],
-    }
+def _main_variant(label: str, block_m: int, config: dict, backward: bool) -> CompileVariant:
+    tiles = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+    constexprs = {"BLOCK_M": block_m, **tiles, "ACC": _ACC[label]}
     options = {"num_warps": config["num_warps"], "num_stages": 1}
     return CompileVariant(f"{label} M<={block_m}", _signature(label, backward), constexprs, options)
 
@@ -167,14 +144,25 @@ def _reduce_variant(part: str, out: str, block: int) -> CompileVariant:
     return CompileVariant(f"{part} to {out}, {block}", signature, constexprs, _REDUCE_OPTIONS)
 
 
+# float64 (the gradcheck dtype) takes the column-block path only.
 _WIDE_LABELS = ("fp32", "fp16", "bf16")
-_FORWARD_WIDE = [_wide_variant(lb, bm, False) for lb in _WIDE_LABELS for bm in (8, WIDE_M)]
-_BACKWARD_WIDE = [_wide_variant(lb, bm, True) for lb in _WIDE_LABELS for bm in (8, WIDE_M)]
+_WIDE_BLOCK_M = (8, WIDE_M)
+_BLOCKED_BLOCK_M = (16, MAX_CENTERS)
+_FORWARD_WIDE = [
+    _main_variant(lb, bm, _WIDE_FORWARD, False) for lb in _WIDE_LABELS for bm in _WIDE_BLOCK_M
+]
+_BACKWARD_WIDE = [
+    _main_variant(lb, bm, _WIDE_BACKWARD, True) for lb in _WIDE_LABELS for bm in _WIDE_BLOCK_M
+]
 _FORWARD_BLOCKED = [
-    _blocked_variant(lb, bm, False) for lb in (*_WIDE_LABELS, "fp64") for bm in (16, MAX_CENTERS)
+    _main_variant(lb, bm, _BLOCKED_FORWARD, False)
+    for lb in (*_WIDE_LABELS, "fp64")
+    for bm in _BLOCKED_BLOCK_M
 ]
 _BACKWARD_BLOCKED = [
-    _blocked_variant(lb, bm, True) for lb in (*_WIDE_LABELS, "fp64") for bm in (16, MAX_CENTERS)
+    _main_variant(lb, bm, _BLOCKED_BACKWARD, True)
+    for lb in (*_WIDE_LABELS, "fp64")
+    for bm in _BLOCKED_BLOCK_M
 ]
 _REDUCE = [
     _reduce_variant(part, out, block)
@@ -410,7 +398,8 @@ def cluster_forward_blocked_kernel(
     BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     value_blocks = tl.cdiv(c, BLOCK_C)
-    blocks = value_blocks + tl.cdiv(kd, BLOCK_C)
+    # One program even with no columns at all (C = 0, no key stream): it still owes den.
+    blocks = tl.maximum(value_blocks + tl.cdiv(kd, BLOCK_C), 1)
     pid = tl.program_id(0)
     part = pid // blocks
     cb = pid % blocks
@@ -626,18 +615,16 @@ def _main_launch(b, n, d, c, m, kd, dtype, backward: bool) -> tuple[Launch, int,
             f"cluster_accumulate: the Triton kernels take M <= {MAX_CENTERS} centers, got M = {m}"
         )
     label = _label(dtype)
+    count, size = _splits(b, n, BACKWARD_PROGRAMS if backward else FORWARD_PROGRAMS)
+    name = "cluster_backward" if backward else "cluster_forward"
     if _is_wide(d, c, m, label):
-        name = "cluster_backward_kernel" if backward else "cluster_forward_kernel"
-        count, size = _splits(b, n, BACKWARD_PROGRAMS if backward else FORWARD_PROGRAMS)
-        variant, programs = f"{label} M<={_wide_block_m(m)}", b * count
+        name, block_m, programs = f"{name}_kernel", _block_m(m, _WIDE_BLOCK_M), b * count
     else:
-        name = "cluster_backward_blocked_kernel" if backward else "cluster_forward_blocked_kernel"
-        count, size = _splits(b, n, BACKWARD_PROGRAMS if backward else FORWARD_PROGRAMS)
         block_c = _BLOCKED_FORWARD["BLOCK_C"]
-        blocks = 1 if backward else triton.cdiv(c, block_c) + triton.cdiv(kd, block_c)
-        variant = f"{label} M<={16 if m <= 16 else MAX_CENTERS}"
-        programs = b * count * max(1, blocks)
-    return Launch(name, variant, (programs,)), count, size
+        blocks = 1 if backward else max(1, triton.cdiv(c, block_c) + triton.cdiv(kd, block_c))
+        name, block_m = f"{name}_blocked_kernel", _block_m(m, _BLOCKED_BLOCK_M)
+        programs = b * count * blocks
+    return Launch(name, f"{label} M<={block_m}", (programs,)), count, size
 
 
 def _reduce_launch(b: int, row_len: int, part: str, out: str) -> Launch:
@@ -686,11 +673,6 @@ def _run(launch: Launch, *args) -> None:
 
 
 def _contiguous(keys, queries, values, query_bias):
-    if queries.shape[1] > MAX_CENTERS:
-        raise ValueError(
-            f"cluster_accumulate: the Triton kernels take M <= {MAX_CENTERS} centers, "
-            f"got M = {queries.shape[1]}"
-        )
     bias = queries if query_bias is None else query_bias.contiguous()
     return keys.contiguous(), queries.contiguous(), values.contiguous(), bias
 

@@ -46,8 +46,8 @@ QUERY_BLOCKS = (16, 8)
 QUERY_BLOCK = sum(QUERY_BLOCKS)
 RESIDENT_LAUNCH = {"num_warps": 8, "num_stages": 1}
 # A template's rows are split over SPLITS programs (one per SM of an H100, where one program of
-# this size is resident at a time), each split at least MIN_SPLIT_ROWS rows; neither depends on
-# the batch, so the order of the partial sums (hence the bits) depends on N alone.
+# this size is resident at a time), at most one split per MIN_SPLIT_ROWS rows; neither depends
+# on the batch, so the order of the partial sums (hence the bits) depends on N alone.
 SPLITS = 132
 MIN_SPLIT_ROWS = 16
 # Rows whose code scores a program's scratch holds: a launch covers SPLITS * CHUNK rows, a

@@ -1015,13 +1015,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resources is not None:  # the compile step, in its own process
         print(json.dumps(_compile_resources(args.resources, args.arch)))
         return 0
-    # Set before any kernel module is imported: the interpreter is chosen at @triton.jit time.
-    os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton  # noqa: F401
     except ImportError:
         print("gpu_model: triton is not installed (it comes with CUDA builds of torch)")
         return 2
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads the variable when it is imported (importing torch may do that): the
+        # counting runs in a process that has it from the start.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        cmd = [sys.executable, "-m", "fusedset.tools.gpu_model", *argv]
+        return subprocess.run(cmd, env=env, check=False).returncode
     workloads = [
         w for w in triton_workloads() + cuda_workloads() if not args.only or w.op in args.only
     ]

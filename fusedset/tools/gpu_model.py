@@ -45,6 +45,7 @@ SHAPES_N = (4096, 65536, 1_048_576)
 TARGET_N = (65536, 1_048_576)  # where the modeled fraction must reach MIN_FRACTION
 MIN_FRACTION = 0.70
 MIN_PROGRAMS_FROM_N = 16384  # from this N up (B = 1) a kernel must fill every SM
+SINGLE_PROGRAM_FROM_N = 4096  # from this N up no step may run one program per probe
 
 
 @dataclass(frozen=True)
@@ -657,6 +658,8 @@ def model_row(
         row.misses.append(f"{row.programs} programs < {gpu.sms} SMs")
     if n in TARGET_N and row.modeled_fraction < MIN_FRACTION:
         row.misses.append(f"modeled {row.modeled_fraction:.0%} < {MIN_FRACTION:.0%}")
+    if n >= SINGLE_PROGRAM_FROM_N and any(p.programs <= b for p in launches):
+        row.misses.append("a launch of one program per probe on the critical path")
     if syncs:
         row.misses.append(f"{syncs} host synchronisations")
     return row

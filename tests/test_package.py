@@ -64,3 +64,24 @@ def test_force_reference_switch_nests_and_restores():
             assert not fusedset.reference_forced()
         assert fusedset.reference_forced()
     assert not fusedset.reference_forced()
+
+
+def test_every_cuda_kernel_of_the_gpu_folder_takes_its_schemas_arguments():
+    """fusedset.triton_kernels registers each op's CUDA implementation from its own folder; a
+    function whose parameters drift from the op's schema would take the wrong arguments."""
+    import importlib
+    import inspect
+
+    import pytest
+
+    pytest.importorskip("triton")
+    from fusedset import triton_kernels
+
+    table = {
+        op: (f"fusedset.triton_kernels.{module}", name)
+        for op, (module, name) in triton_kernels.CUDA_KERNELS.items()
+    } | triton_kernels.EAGER_CUDA_KERNELS
+    for op, (module, name) in table.items():
+        schema = getattr(torch.ops.fusedset, op).default._schema
+        fn = getattr(importlib.import_module(module), name)
+        assert list(inspect.signature(fn).parameters) == [a.name for a in schema.arguments], op

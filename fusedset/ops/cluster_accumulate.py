@@ -201,25 +201,3 @@ if _dispatch.extension_loaded():
     torch.library.register_autograd(
         "fusedset::cluster_accumulate", _backward, setup_context=_setup_context
     )
-
-    if _dispatch.triton_importable():
-
-        @torch.library.register_kernel("fusedset::cluster_accumulate", "cuda")
-        def _cuda(keys, queries, values, scale, query_bias=None, normalize_values=False,
-                  keys_as_values=False):  # fmt: skip
-            from fusedset.triton_kernels import cluster_accumulate as kernels
-
-            return kernels.forward(
-                keys, queries, values, scale, query_bias, normalize_values, keys_as_values
-            )
-
-        @torch.library.register_kernel("fusedset::cluster_accumulate_backward", "cuda")
-        def _cuda_backward(grad_num, grad_den, grad_key_num, keys, queries, values, scale,
-                           query_bias=None, normalize_values=False,
-                           keys_as_values=False):  # fmt: skip
-            from fusedset.triton_kernels import cluster_accumulate as kernels
-
-            return kernels.backward(
-                grad_num, grad_den, grad_key_num, keys, queries, values, scale, query_bias,
-                normalize_values, keys_as_values,
-            )  # fmt: skip

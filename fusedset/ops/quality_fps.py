@@ -162,23 +162,6 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(1, picked).masked_fill((indices < 0).unsqueeze(-1), 0)
 
 
-def backward_dots_eager(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quality_fps_backward_dots in torch ops: (x m^T, ||x_i||) in m's dtype."""
-    xf = x.to(m.dtype)
-    return torch.bmm(xf, m.transpose(1, 2)), xf.norm(dim=-1)
-
-
-def backward_spread_eager(
-    x: torch.Tensor, coef: torch.Tensor, beta: torch.Tensor, x_picked: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """quality_fps_backward_spread in torch ops: (coef * x + beta x_picked, beta^T x), where a
-    row whose coefficients are all zero counts as zero (padding is never read as a number)."""
-    touched = (coef != 0) | (beta != 0).any(dim=-1)
-    xf = torch.where(touched.unsqueeze(-1), x.to(coef.dtype), 0)
-    dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
-    return dx.to(x.dtype), torch.bmm(beta.transpose(1, 2), xf)
-
-
 def select_backward(
     grad_rows: torch.Tensor,
     x: torch.Tensor,
@@ -331,28 +314,3 @@ if _dispatch.extension_loaded():
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
             (x.shape[0], beta.shape[2], x.shape[2]), dtype=coef.dtype
         )
-
-    # On CUDA the two sweeps are batched mat-mats, which cuBLAS runs near bandwidth.
-    torch.library.register_kernel(
-        "fusedset::quality_fps_backward_dots", "cuda", backward_dots_eager
-    )
-    torch.library.register_kernel(
-        "fusedset::quality_fps_backward_spread", "cuda", backward_spread_eager
-    )
-
-    if _dispatch.triton_importable():
-
-        @torch.library.register_kernel("fusedset::quality_fps", "cuda")
-        def _cuda(x, gamma, k, lengths=None, row_scale=None):
-            from fusedset.triton_kernels import quality_fps as kernels
-
-            return kernels.select(x, gamma, k, lengths, row_scale=row_scale)[0]
-
-        @torch.library.register_kernel("fusedset::quality_fps_select", "cuda")
-        def _cuda_select(x, gamma, noise, scale, tau, k, lengths=None):
-            from fusedset.triton_kernels import quality_fps as kernels
-
-            indices, logits, source = kernels.select(
-                x, gamma, k, lengths, noise=noise, scale=scale, record=True
-            )
-            return gather_rows(x, indices), indices, logits, source

@@ -25,7 +25,6 @@ from fusedset.reference.sinusoid_attention_pool import (
     code_angles,
     zero_padding,
 )
-from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
 
 _OP = "sinusoid_attention_pool"
 # Rows per step of the backward's recomputation: bounds its extra memory whatever N is.
@@ -145,7 +144,7 @@ class PoolInputs(NamedTuple):
 
 
 # The inputs with a gradient; the rest get None.
-_DIFFERENTIABLE = ("x", "queries", "position_queries", "positions", "row_scale")
+DIFFERENTIABLE = ("x", "queries", "position_queries", "positions", "row_scale")
 # Inputs every row reads whole (their gradient sums over the rows); the others are per row.
 _SHARED = ("queries", "position_queries")
 
@@ -155,7 +154,7 @@ def _wanted(inputs: PoolInputs, needs_input_grad: tuple[bool, ...]) -> list[str]
     # Arguments left at their defaults were not passed through autograd: no flag, no gradient.
     needed = dict.fromkeys(PoolInputs._fields, False)
     needed.update(zip(PoolInputs._fields, needs_input_grad, strict=False))
-    return [k for k in _DIFFERENTIABLE if needed[k] and getattr(inputs, k) is not None]
+    return [k for k in DIFFERENTIABLE if needed[k] and getattr(inputs, k) is not None]
 
 
 def _output_grads(
@@ -178,18 +177,18 @@ def kernel_backward(
     logsumexp: torch.Tensor,
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
-    """pool_backward in one pass of torch.ops.fusedset.sinusoid_attention_pool_backward (the
-    C++ kernel for CPU tensors): the scores recomputed as the forward kernel forms them, the
-    shared gradients merged in a fixed order, no extra memory growing with N."""
+    """The gradients through torch.ops.fusedset.sinusoid_attention_pool_backward: on CPU one
+    pass of the C++ kernel (the scores recomputed as the forward kernel forms them, the shared
+    gradients merged in a fixed order, no extra memory growing with N); on CUDA pool_backward."""
     wanted = _wanted(inputs, needs_input_grad)
     if not wanted:
         return (None,) * len(PoolInputs._fields)
     g, g_lse = _output_grads(grad_pooled, grad_logsumexp, pooled, logsumexp)
-    mask = [k in wanted for k in _DIFFERENTIABLE]
+    mask = [k in wanted for k in DIFFERENTIABLE]
     grads = torch.ops.fusedset.sinusoid_attention_pool_backward.default(
         g, g_lse, pooled, logsumexp, *inputs, mask
     )
-    by_name = dict(zip(_DIFFERENTIABLE, grads, strict=True))
+    by_name = dict(zip(DIFFERENTIABLE, grads, strict=True))
     return tuple(by_name[k] if k in wanted else None for k in PoolInputs._fields)
 
 
@@ -202,7 +201,7 @@ def pool_backward(
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of sinusoid_attention_pool for its inputs, in schema order, in eager
-    PyTorch (the CUDA path; CPU tensors take kernel_backward).
+    PyTorch (the CUDA kernel of sinusoid_attention_pool_backward; the CPU kernel is C++).
 
     With a_ir = e^(s_ir - logsumexp_r) the softmax weights, ``dL/dv_i = sum_r a_ir g_r`` and
     ``dL/ds_ir = a_ir (g_r . (v_i - pooled_r) + glse_r)``. The scores and values of a chunk of
@@ -217,7 +216,7 @@ def pool_backward(
     for start in range(0, x.shape[1] if wanted else 0, BACKWARD_CHUNK):
         stop = min(x.shape[1], start + BACKWARD_CHUNK)
         leaves = {}
-        for k in _DIFFERENTIABLE:
+        for k in DIFFERENTIABLE:
             value = getattr(inputs, k)
             if value is not None:
                 value = value if k in _SHARED else value[:, start:stop]
@@ -272,8 +271,7 @@ if _dispatch.extension_loaded():
         *tensors, pooled, logsumexp = ctx.saved_tensors
         tensors, others = iter(tensors), iter(ctx.others)
         inputs = PoolInputs(*(next(tensors) if t else next(others) for t in ctx.is_tensor))
-        backward = kernel_backward if inputs.x.device.type == "cpu" else pool_backward
-        return backward(
+        return kernel_backward(
             grad_pooled, grad_logsumexp, inputs, pooled, logsumexp, ctx.needs_input_grad
         )
 
@@ -290,18 +288,3 @@ if _dispatch.extension_loaded():
     torch.library.register_autograd(
         "fusedset::sinusoid_attention_pool", _backward, setup_context=_setup_context
     )
-
-    if _dispatch.triton_importable():
-
-        @torch.library.register_kernel("fusedset::sinusoid_attention_pool", "cuda")
-        def _cuda(x, queries, position_queries, positions, divisors, position_scale, eps,
-                  row_scale=None, lengths=None, series=True):  # fmt: skip
-            # The Triton kernel takes every sine (the GPU has flops to spare): series unused.
-            from fusedset.triton_kernels import sinusoid_attention_pool as kernels
-
-            args = (x, queries, position_queries, positions, divisors, position_scale, eps,
-                    row_scale, lengths)  # fmt: skip
-            # float64 and R > 64 (beyond the kernel's register budget) run the eager form.
-            if x.dtype == torch.float64 or queries.shape[1] > kernels.MAX_QUERIES:
-                return reference_pool(*args)
-            return kernels.forward(*args)

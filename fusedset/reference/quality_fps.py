@@ -161,3 +161,20 @@ def quality_fps_select(
     y_hard, y_soft = selection_weights(x, k, gamma, tau, scale, noise, lengths)
     y = y_hard - y_soft.detach() + y_soft
     return torch.einsum("btn,bnc->btc", y, _valid_part(x, lengths)).to(x.dtype)
+
+
+def backward_dots(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fusedset::quality_fps_backward_dots, eagerly: (x m^T, ||x_i||) in m's dtype."""
+    xf = x.to(m.dtype)
+    return torch.bmm(xf, m.transpose(1, 2)), xf.norm(dim=-1)
+
+
+def backward_spread(
+    x: torch.Tensor, coef: torch.Tensor, beta: torch.Tensor, x_picked: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fusedset::quality_fps_backward_spread, eagerly: (coef * x + beta x_picked, beta^T x), where a
+    row whose coefficients are all zero counts as zero (padding is never read as a number)."""
+    touched = (coef != 0) | (beta != 0).any(dim=-1)
+    xf = torch.where(touched.unsqueeze(-1), x.to(coef.dtype), 0)
+    dx = (xf * coef.unsqueeze(-1)).baddbmm_(beta, x_picked)
+    return dx.to(x.dtype), torch.bmm(beta.transpose(1, 2), xf)

@@ -613,3 +613,17 @@ def select(
     for check, message in enumerate(messages):
         torch._assert_async(status[PASSED.value + check], message)
     return indices, logits, source
+
+
+def quality_fps(x, gamma, k, lengths=None, row_scale=None):
+    """fusedset::quality_fps on CUDA tensors."""
+    return select(x, gamma, k, lengths, row_scale=row_scale)[0]
+
+
+def quality_fps_select(x, gamma, noise, scale, tau, k, lengths=None):
+    """fusedset::quality_fps_select on CUDA tensors: the rows of the picks (tau only shapes the
+    soft weights of the backward)."""
+    from fusedset.ops.quality_fps import gather_rows
+
+    indices, logits, source = select(x, gamma, k, lengths, noise=noise, scale=scale, record=True)
+    return gather_rows(x, indices), indices, logits, source

@@ -608,3 +608,41 @@ def forward(
         BLOCK_S=MERGE_BLOCK_S, BLOCK_C=MERGE_BLOCK_C, **MERGE_LAUNCH,
     )  # fmt: skip
     return pooled, logsumexp
+
+
+def sinusoid_attention_pool(x, queries, position_queries, positions, divisors, position_scale,
+                            eps, row_scale=None, lengths=None, series=True):  # fmt: skip
+    """fusedset::sinusoid_attention_pool on CUDA tensors. The kernel takes every sine (the GPU
+    has flops to spare): ``series`` is unused. float64 and R > MAX_QUERIES (beyond the kernel's
+    register budget) run the eager form."""
+    args = (x, queries, position_queries, positions, divisors, position_scale, eps, row_scale,
+            lengths)  # fmt: skip
+    if x.dtype == torch.float64 or queries.shape[1] > MAX_QUERIES:
+        from fusedset.reference.sinusoid_attention_pool import pool
+
+        return pool(*args)
+    return forward(*args)
+
+
+def sinusoid_attention_pool_backward(grad_pooled, grad_logsumexp, pooled, logsumexp, x, queries,
+                                     position_queries, positions, divisors, position_scale, eps,
+                                     row_scale, lengths, series, output_mask):  # fmt: skip
+    """fusedset::sinusoid_attention_pool_backward on CUDA tensors: eager, the rows recomputed
+    in chunks under autograd (fusedset.ops.sinusoid_attention_pool.pool_backward)."""
+    from fusedset.ops.sinusoid_attention_pool import DIFFERENTIABLE, PoolInputs, pool_backward
+
+    inputs = PoolInputs(x, queries, position_queries, positions, divisors, position_scale, eps,
+                        row_scale, lengths, series)  # fmt: skip
+    wanted = dict(zip(DIFFERENTIABLE, output_mask, strict=True))
+    needs = tuple(wanted.get(name, False) for name in PoolInputs._fields)
+    grads = dict(
+        zip(PoolInputs._fields, pool_backward(grad_pooled, grad_logsumexp, inputs, pooled,
+                                              logsumexp, needs), strict=True)
+    )  # fmt: skip
+    # Gradients not asked for come back empty, as the CPU kernel returns them.
+    return tuple(
+        grads[k]
+        if grads[k] is not None
+        else (x if getattr(inputs, k) is None else getattr(inputs, k)).new_empty(0)
+        for k in DIFFERENTIABLE
+    )

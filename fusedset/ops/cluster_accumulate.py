@@ -11,16 +11,13 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
+from fusedset._dtypes import accumulation_dtype
 from fusedset.ops._autograd import first_order
 from fusedset.ops._checks import check_device, check_real, check_shape, check_tensor
 
 _OP = "cluster_accumulate"
 _CAFACE = "cluster_accumulate_caface"
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_like(op: str, name: str, value: torch.Tensor, first: str, ref: torch.Tensor) -> None:
@@ -152,7 +149,7 @@ if _dispatch.extension_loaded():
     @torch.library.register_fake("fusedset::cluster_accumulate")
     def _fake(keys, queries, values, scale, query_bias=None, normalize_values=False,
               keys_as_values=False):  # fmt: skip
-        acc = _accumulation_dtype(keys.dtype)
+        acc = accumulation_dtype(keys.dtype)
         b, m = keys.shape[0], queries.shape[1]
         kd = keys.shape[2] if keys_as_values else 0
         return (
@@ -182,7 +179,7 @@ if _dispatch.extension_loaded():
     def _backward(ctx, grad_num, grad_den, grad_key_num):
         keys, queries, values, query_bias = ctx.saved_tensors
         scale, normalize_values, keys_as_values = ctx.flags
-        acc = _accumulation_dtype(keys.dtype)
+        acc = accumulation_dtype(keys.dtype)
         b, m = keys.shape[0], queries.shape[1]
         kd = keys.shape[2] if keys_as_values else 0
         # An output that took no part in the loss comes back as None.

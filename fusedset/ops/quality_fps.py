@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
+from fusedset._dtypes import accumulation_dtype
 from fusedset.ops._autograd import first_order
 from fusedset.ops._checks import check_device, check_real, check_tensor
 
@@ -137,7 +138,7 @@ def quality_fps_select(
     tau = check_real("quality_fps_select", "tau", tau, positive=True)
     scale = check_real("quality_fps_select", "scale", scale)
     steps = min(k, x.shape[1])
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     if noise is None:
         noise = gumbel_noise((x.shape[0], steps, x.shape[1]), acc, x.device, generator)
     else:
@@ -276,7 +277,7 @@ if _dispatch.extension_loaded():
     def _quality_fps_select_fake(x, gamma, noise, scale, tau, k, lengths=None):
         batch, n, channels = x.shape
         steps = min(k, n)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(x.dtype)
         return (
             x.new_empty((batch, steps, channels)),
             x.new_empty((batch, steps), dtype=torch.long),

@@ -16,11 +16,11 @@ from typing import NamedTuple
 import torch
 
 from fusedset import _dispatch, reference
+from fusedset._dtypes import accumulation_dtype
 from fusedset.ops._autograd import first_order
 from fusedset.ops._checks import check_device, check_real, check_shape, check_tensor
 from fusedset.reference._sinusoid import frequency_divisors
 from fusedset.reference.sinusoid_attention_pool import (
-    accumulation_dtype,
     attention_scores,
     code_angles,
     zero_padding,

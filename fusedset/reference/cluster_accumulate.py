@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedset._dtypes import accumulation_dtype
+
 NORM_EPS = 1e-5
 
 
@@ -19,7 +21,7 @@ def cluster_accumulate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """num = softmax_M(Q K^T * scale) V (B, M, C) and den = its row sums (B, M), as the eager
     composition (matmul, softmax, matmul, sum) in float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(keys.dtype)
     if scale is None:
         scale = default_scale(keys.shape[-1])
     logits = queries.to(acc) @ keys.to(acc).transpose(1, 2) * scale
@@ -36,7 +38,7 @@ def cluster_accumulate_caface(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CAFace's form through the plain one: the bias is one more key dimension whose key is 1,
     and the two value streams (normalized features, tokens) are one concatenated stream."""
-    acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(tokens.dtype)
     ones = tokens.new_ones(*tokens.shape[:-1], 1)
     keys = torch.cat([tokens, ones], -1)
     queries = torch.cat([centers, center_bias.unsqueeze(-1)], -1)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from fusedset._dtypes import accumulation_dtype
 
 
 def _valid_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -33,7 +31,7 @@ def _valid_part(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """x in the accumulation dtype with padding zeroed: whatever padding holds (NaN included)
     reaches neither the values nor the gradients."""
     valid = _valid_rows(x, lengths).unsqueeze(-1)
-    return torch.where(valid, x.to(_accumulation_dtype(x)), 0)
+    return torch.where(valid, x.to(accumulation_dtype(x.dtype)), 0)
 
 
 def _trace(x, k, gamma, scale, tau, noise, lengths):
@@ -46,7 +44,7 @@ def _trace(x, k, gamma, scale, tau, noise, lengths):
     ``r_t = x^T (y_hard - y_soft.detach() + y_soft)``, as FaceCoresetNet's training code does:
     its value is the picked row, and its gradient reaches the soft weights (hence the logits of
     step t, x and gamma) besides the picked row itself."""
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     xf = _valid_part(x, lengths)
     batch, n, _ = x.shape
     steps = min(k, n)
@@ -115,7 +113,7 @@ def quality_fps(
     """(B, N, C) -> (B, min(k, N)) int64 indices in selection order, -1 past a template's end.
     With row_scale (B, N), the selection of the rows row_scale[b, i] * x[b, i]."""
     if row_scale is not None:
-        acc = _accumulation_dtype(x)
+        acc = accumulation_dtype(x.dtype)
         x = x.to(acc) * row_scale.to(acc)[..., None]
     with torch.no_grad():
         picks = [p for _, _, p in _trace(x, k, gamma, 1.0, 1.0, None, lengths)]
@@ -141,7 +139,7 @@ def selection_weights(
         hard.append(y_hard)
         soft.append(y_soft)
     if not hard:
-        empty = x.new_zeros(x.shape[0], 0, x.shape[1], dtype=_accumulation_dtype(x))
+        empty = x.new_zeros(x.shape[0], 0, x.shape[1], dtype=accumulation_dtype(x.dtype))
         return empty, empty
     return torch.stack(hard, dim=1), torch.stack(soft, dim=1)
 

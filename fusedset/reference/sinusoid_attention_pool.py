@@ -11,11 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusedset._dtypes import accumulation_dtype
 from fusedset.reference._sinusoid import encode_angles, frequency_divisors
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def zero_padding(

@@ -13,8 +13,21 @@ import torch
 
 import fusedset
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+# `cuda` selects what scripts/gpu-check.sh runs (pytest -m cuda); without a device they skip.
+CUDA_MARKS = (
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+
+
+def cuda_only(test: Callable) -> Callable:
+    """A test of a CUDA path alone: marked `cuda`, skipped without a device."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
 # Where tests run the Triton launchers: compiled on a CUDA device when there is one, else in
 # Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 then).
 TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"

@@ -267,6 +267,7 @@ def run_both_passes(b, n, d, m, c, dtype, shared, caface, scale=0.3):
     ],
 )
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_matches_reference(b, n, d, m, c, dtype, shared, caface):
     """Forward and backward of both forms against the float64 reference on the same inputs."""
     inputs, out, grads, back = run_both_passes(b, n, d, m, c, dtype, shared, caface)
@@ -288,6 +289,7 @@ def test_triton_matches_reference(b, n, d, m, c, dtype, shared, caface):
 
 @pytest.mark.parametrize("caface", [False, True], ids=["plain", "caface"])
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_float64_matches_cpp(caface):
     keys, queries, values, bias = triton_problem(2, 130, 16, 4, 72, torch.float64, caface)
     bias = bias if caface else None
@@ -304,6 +306,7 @@ def test_triton_float64_matches_cpp(caface):
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_widest_shapes():
     """M = 64, D = 256, C = 1024, the issue's limits, forward (the backward's column blocks are
     the same loops, run by the cases above)."""
@@ -314,6 +317,7 @@ def test_triton_widest_shapes():
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_is_bitwise_deterministic():
     """Several splits per probe and queries shared by three probes: the partials are added in
     the same order on every run."""
@@ -323,6 +327,7 @@ def test_triton_is_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
 def test_triton_rejects_too_many_centers():
     keys, queries, values, _ = triton_problem(1, 4, 8, 65, 4, torch.float32, False)
     with pytest.raises(ValueError, match=r"M <= 64 centers, got M = 65"):
@@ -369,6 +374,7 @@ def registered_variant(kernel, label):
         (1, 60, 8, 4, 12, torch.float64, True, True),
     ],
 )
+@pytest.mark.cuda
 def test_triton_launchers_launch_their_plans(b, n, d, m, c, dtype, shared, caface):
     """The grids, kernels and constexprs the launchers run are the plan's, launch by launch."""
     kd = d if caface else 0
@@ -389,6 +395,7 @@ def test_triton_launchers_launch_their_plans(b, n, d, m, c, dtype, shared, cafac
         assert {k: kwargs[k] for k in variant.options} == dict(variant.options)
 
 
+@pytest.mark.cuda
 def test_triton_plans_fill_the_gpu_and_name_registered_variants():
     """Pure plans: every launch a registered kernel and variant with a one-dimensional grid
     (probes folded into axis 0, so B past 65535 launches); from N = 16384 at B = 1 at least one

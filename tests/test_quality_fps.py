@@ -596,6 +596,7 @@ PATHS = pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "globa
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
     b, n, c, k = shape
     x = features((b, n, c), dtype)
@@ -625,6 +626,7 @@ def test_triton_matches_cpp_kernel(triton_select, shape, dtype, on_chip):
 @PATHS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.cuda
 def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype, on_chip):
     """Zero and negative scales included; a NaN scale past a template's length changes nothing,
     a non-finite one in a valid row fails the call."""
@@ -643,6 +645,7 @@ def test_triton_row_scale_selects_as_the_scaled_rows(triton_select, shape, dtype
 
 
 @PATHS
+@pytest.mark.cuda
 def test_triton_matches_released_facecoresetnet(triton_select, fixtures_dir, on_chip):
     data = torch.load(fixtures_dir / "facecoresetnet_official.pt", weights_only=True)
     for case in data["cases"]:
@@ -657,6 +660,7 @@ NOT_FINITE = r"quality_fps: x has a row that is not finite \(NaN or inf in a val
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @PATHS
+@pytest.mark.cuda
 def test_triton_ties_zero_rows_and_nan(triton_select, on_chip):
     gamma = torch.tensor(1.0, dtype=torch.float64)
     x = features((1, 7, 8))
@@ -698,6 +702,7 @@ def reversed_programs(monkeypatch):
 
 
 @pytest.mark.parametrize("order", ["forward", "reversed"])
+@pytest.mark.cuda
 def test_triton_ties_across_programs(triton_kernels, monkeypatch, request, order):
     """Equal scores in different programs of a template, the partials of more programs than one
     chunk of the reduction holds (shrunk to 4), templates folded into one grid axis, and the
@@ -736,6 +741,7 @@ def test_triton_ties_across_programs(triton_kernels, monkeypatch, request, order
 
 @PATHS
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_lengths_strided_zero_and_clamped(triton_select, on_chip):
     """A strided lengths view is read with its stride (not as the rows of the next template);
     a template of length 0 selects nothing."""
@@ -763,6 +769,7 @@ def test_triton_lengths_strided_zero_and_clamped(triton_select, on_chip):
         (None, float("inf"), r"quality_fps: gamma must be finite"),
     ],
 )
+@pytest.mark.cuda
 def test_triton_bad_lengths_and_gamma_fail_without_a_sync(
     triton_select, on_chip, lengths, gamma, message
 ):
@@ -772,6 +779,7 @@ def test_triton_bad_lengths_and_gamma_fail_without_a_sync(
         triton_select(x, torch.tensor(gamma, dtype=torch.float64), 3, lengths, on_chip=on_chip)
 
 
+@pytest.mark.cuda
 def test_triton_checks_without_rows(triton_select):
     x = torch.zeros(2, 0, 4)
     gamma = torch.tensor(1.0, dtype=torch.float64)
@@ -813,6 +821,7 @@ def _launches(kernels, call):
         (2, 300, 1, torch.float32, False, True),
     ],
 )
+@pytest.mark.cuda
 def test_triton_launches_exactly_its_plan(triton_kernels, b, n, k, dtype, record, scaled):
     x = features((b, n, 6), dtype)
     gamma = torch.tensor(0.5, dtype=torch.float64)
@@ -832,6 +841,7 @@ def test_triton_launches_exactly_its_plan(triton_kernels, b, n, k, dtype, record
 
 
 @pytest.mark.parametrize("b", [1, 32])
+@pytest.mark.cuda
 def test_triton_plan_fills_the_gpu_in_one_wave_and_folds_the_grid(triton_kernels, b):
     for n in (16384, 65536, 1_048_576, 5_000_000):
         (first, *rest) = triton_kernels.select_plan(b, n, 512, 3, torch.float32, False, False)
@@ -849,6 +859,7 @@ def test_triton_plan_fills_the_gpu_in_one_wave_and_folds_the_grid(triton_kernels
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @PATHS
 @pytest.mark.parametrize("record", [False, True], ids=["indices", "recording"])
+@pytest.mark.cuda
 def test_triton_never_waits_for_the_device(triton_select, on_chip, record):
     """No .item(), nonzero(), .tolist() or .cpu() outside the kernels (the interpreter's own
     copies in and out of a launch aside): the launcher can be captured in a CUDA graph."""
@@ -887,6 +898,7 @@ def test_triton_never_waits_for_the_device(triton_select, on_chip, record):
         interpreter.GridExecutor.__call__ = original
 
 
+@pytest.mark.cuda
 def test_triton_select_rejects_a_mode_without_its_inputs(triton_select):
     x = features((1, 5, 4))
     gamma = torch.tensor(0.5, dtype=torch.float64)

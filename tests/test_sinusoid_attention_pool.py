@@ -207,6 +207,7 @@ def run_triton(x, queries, code_queries, positions, row_scale=None, lengths=None
     ],
 )
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_matches_reference(n, c, r, d, dtype, scaled):
     x, q, g, pos, scale = problem(2, n, c, r, d, dtype)
     scale = scale if scaled else None
@@ -216,6 +217,7 @@ def test_triton_matches_reference(n, c, r, d, dtype, scaled):
 
 @pytest.mark.parametrize("c", [40, 600])
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_ragged_never_reads_padding(c):
     x, q, g, pos, scale = problem(3, 50, c, 8, 32)
     lengths = torch.tensor([50, 1, 23])
@@ -252,6 +254,7 @@ def launched(monkeypatch):
     ],
 )
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.cuda
 def test_triton_launches_its_plan(monkeypatch, c, d, constants):
     for name, value in constants.items():
         monkeypatch.setattr(triton_kernels, name, value)
@@ -264,6 +267,7 @@ def test_triton_launches_its_plan(monkeypatch, c, d, constants):
     check(got, x, q, g, pos, scale, lengths)
 
 
+@pytest.mark.cuda
 def test_triton_plan_at_scale():
     """FaceCoresetNet's shapes: every SM busy from N = 16384 at B = 1, a fixed scratch (more
     passes as N grows), one grid axis whatever B, and variants the compile check builds."""
@@ -285,6 +289,7 @@ def test_triton_plan_at_scale():
     assert all((p.kernel, p.variant) in variants for p in wide)
 
 
+@pytest.mark.cuda
 def test_triton_is_bitwise_deterministic_and_matches_cpp():
     args = problem(1, 300, 24, 8, 16)
     call = (*args[:4], divisors_for(16), TWO_PI, 1e-5, args[4], None)
@@ -294,12 +299,14 @@ def test_triton_is_bitwise_deterministic_and_matches_cpp():
         assert_rel_close(a, c, 1e-5)
 
 
+@pytest.mark.cuda
 def test_triton_rejects_float64():
     x, q, g, pos, _ = problem(1, 4, 8, 2, 4)
     with pytest.raises(TypeError, match=r"float16, bfloat16 or float32 x, got torch.float64"):
         triton_kernels.forward(x.double(), q, g, pos, divisors_for(4), TWO_PI, 1e-5)
 
 
+@pytest.mark.cuda
 def test_triton_rejects_too_many_queries():
     x, q, g, pos, _ = problem(1, 4, 8, 65, 4)
     with pytest.raises(ValueError, match=r"R <= 64, got R = 65"):

@@ -8,7 +8,7 @@ import fusedset
 from fusedset import reference
 from fusedset.ops import style_pool
 
-from .helpers import CUDA, DEVICES, RTOL, assert_rel_close, max_rel_error
+from .helpers import DEVICES, RTOL, assert_rel_close, cuda_only, max_rel_error
 
 IRESNET_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14), (2, 512, 7, 7)]
 ODD_SHAPES = [(3, 5, 1, 1), (3, 5, 1, 2), (2, 7, 3, 1), (2, 9, 7, 7), (1, 6, 97, 1), (5, 65, 3, 3)]
@@ -118,7 +118,7 @@ def test_stable_where_sum_of_squares_cancels(device, layout):
 CUDA_SPLIT_SHAPES = [(1, 3, 224, 224), (2, 5, 33, 33), (1, 70, 40, 40), (3, 2, 1, 1025)]
 
 
-@CUDA
+@cuda_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", CUDA_SPLIT_SHAPES)
@@ -135,7 +135,7 @@ def test_cuda_split_rows_match_reference(shape, dtype, layout):
     assert_rel_close(dx, expected, RTOL[dtype])
 
 
-@CUDA
+@cuda_only
 @pytest.mark.parametrize(
     ("shape", "layout"),
     # Enough rows (contiguous) or channel tiles (channels_last) that long rows are not split.
@@ -147,7 +147,7 @@ def test_cuda_long_rows_of_large_batches_match_reference(shape, layout):
     assert_rel_close(kernel(x), truth(x), RTOL[torch.float32])
 
 
-@CUDA
+@cuda_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(4, 64, 28, 28), (1, 4, 224, 224)])
 def test_cuda_exact_where_sum_of_squares_cancels_and_deterministic(shape, layout):
@@ -171,7 +171,7 @@ def test_cuda_exact_where_sum_of_squares_cancels_and_deterministic(shape, layout
         assert torch.equal(torch.ops.fusedset.style_pool_backward.default(grad, x), dx)
 
 
-@CUDA
+@cuda_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(70000, 2, 1, 2), (2, 3, 0, 5), (2, 3, 1, 1)])
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -190,7 +190,7 @@ def test_cuda_many_rows_and_tiny_rows_follow_torch(shape, layout):
     assert torch.equal(dx.isnan(), dx64.isnan())
 
 
-@CUDA
+@cuda_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_offsets_past_two_to_the_31(layout):
     """2^31 + 65536 fp16 values: the last channel's offsets need 64 bits."""

@@ -1,0 +1,220 @@
+"""fusedset.distributed.fuse across 3 gloo processes against the single-process modules.
+
+One spawn of 3 ranks runs every scenario (process start-up dominates the time): uneven shards,
+an empty shard, ties across ranks, zero-norm rows, k above N, both CAFace normalizations, a bad
+input on one rank, and last a rank that leaves without calling in. Each rank saves what it got;
+the test compares it here with one process's module over the concatenated frames.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedset.distributed import distributed_core, fuse
+from fusedset.nn import CAFace, FaceCoresetNet
+from fusedset.ops import quality_fps
+from fusedset.reference.caface import CAFaceConfig
+
+from .helpers import assert_rel_close
+
+WORLD = 3
+WIDTH = 16
+CAFACE_CONFIG = dict(
+    depth=1, confidence_dim=WIDTH, num_heads=2, style_channels=6, style_dim=8, norm_dim=8
+)
+# Frames per rank of each scenario.
+CORESET_SHARDS = {"uneven_empty": (5, 0, 8), "one_each": (1, 9, 3), "k_above_n": (1, 0, 1)}
+CAFACE_SHARDS = {"uneven_empty": (4, 0, 7), "single_frames": (1, 1, 1)}
+CHUNK_SIZE = 3
+
+
+def coreset_model() -> FaceCoresetNet:
+    torch.manual_seed(1)
+    return FaceCoresetNet(WIDTH, num_heads=4, coreset_size=3, dropout=0.0).eval()
+
+
+def caface_model() -> CAFace:
+    torch.manual_seed(2)
+    return CAFace(CAFaceConfig(**CAFACE_CONFIG)).eval()
+
+
+def coreset_frames(total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two probes; probe 0's best row appears twice (a tie across ranks in the 'uneven_empty'
+    split) and probe 1 has a zero-norm frame."""
+    generator = torch.Generator().manual_seed(total)
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(2, total, WIDTH, generator=generator), dim=-1
+    )
+    norms = torch.rand(2, total, 1, generator=generator) * 20 + 5
+    if total > 6:
+        norms[0, 1] = 40
+        embeddings[0, 6], norms[0, 6] = embeddings[0, 1], norms[0, 1]
+        norms[1, 2] = 0
+    return embeddings, norms
+
+
+def caface_frames(total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + total)
+    features = torch.randn(2, total, WIDTH, generator=generator) * 10
+    stats = torch.rand(2, total, CAFACE_CONFIG["style_channels"], 2, generator=generator)
+    return features, stats
+
+
+def shard(x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return x[:, start : start + sizes[rank]]
+
+
+def error_of(call) -> str:
+    try:
+        call()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def work(rank: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    results: dict[str, object] = {}
+    coreset = coreset_model()
+    for name, sizes in CORESET_SHARDS.items():
+        frames = coreset_frames(sum(sizes))
+        results[f"coreset_{name}"] = fuse(coreset, *(shard(x, sizes, rank) for x in frames))
+        embeddings, norms = (shard(x, sizes, rank) for x in frames)
+        results[f"picks_{name}"] = distributed_core(
+            embeddings, norms.squeeze(-1), 3, coreset.gamma, sum(sizes[:rank]), sum(sizes),
+            None, rank, WORLD,
+        )[0]  # fmt: skip
+    caface = caface_model()
+    for name, sizes in CAFACE_SHARDS.items():
+        frames = caface_frames(sum(sizes))
+        for normalization in ("paper", "official"):
+            results[f"caface_{name}_{normalization}"] = fuse(
+                caface,
+                *(shard(x, sizes, rank) for x in frames),
+                normalization=normalization,
+                chunk_size=CHUNK_SIZE,
+            )
+    embeddings, norms = coreset_frames(6)
+    results["all_empty"] = error_of(lambda: fuse(coreset, embeddings[:, :0], norms[:, :0]))
+    if rank == 1:
+        embeddings = embeddings[..., :-1]
+    results["bad_width"] = error_of(lambda: fuse(coreset, embeddings, norms))
+    torch.save(results, f"{out}/rank{rank}.pt")
+    # Rank 1 leaves without calling in: the others must fail, not wait forever.
+    if rank != 1:
+        error = error_of(lambda: fuse(caface, *caface_frames(4)))
+        torch.save({"left": error}, f"{out}/left{rank}.pt")
+
+
+def main() -> None:
+    import torch.multiprocessing as mp
+
+    port, out = int(sys.argv[1]), sys.argv[2]
+    mp.spawn(work, args=(port, out), nprocs=WORLD)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, object]]:
+    out = tmp_path_factory.mktemp("distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.test_distributed", str(port), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = []
+    for rank in range(WORLD):
+        found.append(torch.load(out / f"rank{rank}.pt", weights_only=False))
+        if rank != 1:
+            found[-1].update(torch.load(out / f"left{rank}.pt", weights_only=False))
+    return found
+
+
+@pytest.mark.parametrize("name", list(CORESET_SHARDS))
+def test_coreset_matches_one_process(ranks, name, poisoned_outputs):
+    embeddings, norms = coreset_frames(sum(CORESET_SHARDS[name]))
+    model = coreset_model()
+    expected = model.aggregate(embeddings, norms)
+    for got in ranks:
+        descriptor, norm = got[f"coreset_{name}"]
+        assert_rel_close(descriptor, expected.descriptor, 1e-6)
+        assert_rel_close(norm, expected.norm, 1e-6)
+    # Every rank merged the same partials in the same order: the same bits.
+    for got in ranks[1:]:
+        assert torch.equal(got[f"coreset_{name}"][0], ranks[0][f"coreset_{name}"][0])
+
+
+@pytest.mark.parametrize("name", list(CORESET_SHARDS))
+def test_distributed_selection_matches_quality_fps(ranks, name):
+    embeddings, norms = coreset_frames(sum(CORESET_SHARDS[name]))
+    expected = quality_fps(embeddings, 3, coreset_model().gamma, row_scale=norms.squeeze(-1))
+    for got in ranks:
+        assert torch.equal(got[f"picks_{name}"], expected)
+    if name == "uneven_empty":
+        # Rows 1 (rank 0) and 6 (rank 2) tie; the lower global index wins. Probe 1's zero-norm
+        # row is never among the 3 picks of its 13 rows.
+        assert expected[0, 0] == 1
+        assert 2 not in expected[1].tolist()
+
+
+@pytest.mark.parametrize("name", list(CAFACE_SHARDS))
+@pytest.mark.parametrize("normalization", ["paper", "official"])
+def test_caface_matches_one_process_stream(ranks, name, normalization, poisoned_outputs):
+    sizes = CAFACE_SHARDS[name]
+    frames = caface_frames(sum(sizes))
+    stream = caface_model().stream(2, normalization, CHUNK_SIZE)
+    for rank, size in enumerate(sizes):
+        if size:
+            stream.update(*(shard(x, sizes, rank) for x in frames))
+    expected = stream.result()
+    for got in ranks:
+        assert_rel_close(got[f"caface_{name}_{normalization}"], expected, 1e-6)
+
+
+def test_bad_input_on_one_rank_fails_every_rank(ranks):
+    assert ranks[1]["bad_width"].startswith("ValueError: fusedset.distributed.fuse: embeddings")
+    for rank in (0, 2):
+        assert ranks[rank]["bad_width"].startswith("RuntimeError: fusedset.distributed.fuse: rank")
+        assert "[1]" in ranks[rank]["bad_width"]
+    for got in ranks:
+        assert "every rank's shard is empty" in got["all_empty"]
+
+
+def test_rank_that_leaves_fails_the_others(ranks):
+    for rank in (0, 2):
+        assert ranks[rank]["left"] != "no error"
+
+
+def test_refuses_training_mode_and_other_modules():
+    model = coreset_model().train()
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse(model, *coreset_frames(3))
+    with pytest.raises(TypeError, match="CAFace or FaceCoresetNet"):
+        fuse(torch.nn.Linear(2, 2).eval(), torch.ones(1, 1, 2))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ import importlib
 import json
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -33,7 +33,8 @@ from fusedset.bench.common import (
     time_cuda,
 )
 
-_NOT_BENCHMARKS = {"common", "suite", "run"}
+# conftest and test_* are the pytest-benchmark glue over these modules' cases
+_NOT_BENCHMARKS = {"common", "suite", "run", "conftest"}
 PASSES = ("forward", "forward+backward")
 
 
@@ -43,7 +44,7 @@ def benchmark_modules() -> dict[str, ModuleType]:
     return {
         info.name: importlib.import_module(f"{package.__name__}.{info.name}")
         for info in pkgutil.iter_modules(package.__path__)
-        if info.name not in _NOT_BENCHMARKS
+        if info.name not in _NOT_BENCHMARKS and not info.name.startswith("test_")
     }
 
 
@@ -59,16 +60,29 @@ def _with_grad(inputs: list[tuple]) -> list[tuple]:
     ]
 
 
-def measure(case: Case, device: str, progress) -> list[Measurement]:
-    inputs = case.make_inputs(device)
-    rows = []
-    for pass_ in PASSES if case.backward else PASSES[:1]:
-        args = inputs if pass_ == "forward" else _with_grad(inputs)
-        calls = {
+def pass_inputs(inputs: list[tuple], pass_: str) -> list[tuple]:
+    """The case's inputs as a pass takes them: leaves that require grad for a backward."""
+    return inputs if pass_ == "forward" else _with_grad(inputs)
+
+
+def timed_calls(case: Case) -> dict[str, dict[str, Callable]]:
+    """The calls a case times in each pass, by implementation (forward+backward leaves out the
+    forward-only ones)."""
+    return {
+        pass_: {
             impl: fn if pass_ == "forward" else forward_backward(fn)
             for impl, fn in case.impls.items()
             if pass_ == "forward" or impl not in case.forward_only
         }
+        for pass_ in (PASSES if case.backward else PASSES[:1])
+    }
+
+
+def measure(case: Case, device: str, progress) -> list[Measurement]:
+    inputs = case.make_inputs(device)
+    rows = []
+    for pass_, calls in timed_calls(case).items():
+        args = pass_inputs(inputs, pass_)
         progress.set_postfix_str(f"{case.op} {case.label} {pass_}", refresh=True)
         if device == "cuda":
             seconds = {impl: time_cuda(call, args) for impl, call in calls.items()}
@@ -195,9 +209,10 @@ def run(names: Sequence[str], device: str, mode: str, out: Path) -> dict:
         flush=True,
     )
     total = sum(
-        len(c.impls) + (len(c.impls) - len(c.forward_only) if c.backward else 0)
+        len(calls)
         for case_list in cases.values()
-        for c in case_list
+        for case in case_list
+        for calls in timed_calls(case).values()
     )
     rows: list[Measurement] = []
     with tqdm(total=total, unit="timing", file=sys.stderr, dynamic_ncols=True) as progress:

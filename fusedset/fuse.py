@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fusedset.data.ijb import style_path, template_groups
-from fusedset.eval.fusion import Fuser, StreamingFuser, Template, get_method
+from fusedset.methods import Fuser, StreamingFuser, Template, get_method
 from fusedset.ops._checks import all_finite
 
 OUTPUT_SUFFIXES = (".npz", ".safetensors")

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedset.data.ijb import IJBMeta, MetaFileError, template_groups
+from fusedset.methods.registry import canonical_name
+from fusedset.nn.checkpoints import CHECKPOINT_KEY
 
 LearnedMethod = Literal["caface", "coreset"]
 METHODS: tuple[LearnedMethod, ...] = ("caface", "coreset")
-CHECKPOINT_KEY = "fusedset"  # the checkpoint's metadata entry, next to its state_dict
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,8 @@ def train(
     """Train a fresh ``method`` module on ``data``. With one torch thread, the same data and
     config give bitwise the same weights. The global torch generator, which the initialization,
     dropout and the selection's Gumbel noise draw from, is seeded from ``config.seed`` for the
-    run and restored afterwards."""
+    run and restored afterwards. ``method`` may also be an alias (``facecoresetnet``)."""
+    method = canonical_name(method)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     config = config or TrainConfig()
@@ -291,6 +293,10 @@ def save_checkpoint(
     ``fusedset``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "config": asdict(config), "epoch_losses": result.epoch_losses}
+    meta = {
+        "method": canonical_name(method),
+        "config": asdict(config),
+        "epoch_losses": result.epoch_losses,
+    }
     torch.save({"state_dict": result.model.state_dict(), CHECKPOINT_KEY: meta | info}, path)
     return path

@@ -8,12 +8,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
+from fusedset import methods
 from fusedset.cli import main
 from fusedset.data import write_benchmark
 from fusedset.data.synthetic import SynthConfig, generate
-from fusedset.eval import fusion, metrics, selection
+from fusedset.eval import metrics
 from fusedset.eval.evaluate import evaluate, format_table, pair_scores
-from fusedset.eval.fusion import Method, Template
+from fusedset.methods import Method, Template, registry
+from fusedset.methods.baselines import core_indices
 
 from .checkpoints import random_modules, write_checkpoint
 from .helpers import torch_threads
@@ -121,7 +123,7 @@ def test_quality_fps_against_brute_force():
     features = torch.randn(50, 16) * torch.rand(50, 1) * 10
     features[7] = features[3]  # an exact duplicate must not be chosen twice
     for gamma in (0.0, 1.0, 2.0):
-        got = selection.quality_fps(features, k=5, gamma=gamma).tolist()
+        got = core_indices(features, k=5, gamma=gamma).tolist()
         norms = features.norm(dim=1)
         unit = features / norms[:, None]
         chosen = [int(norms.argmax())]
@@ -135,35 +137,38 @@ def test_quality_fps_against_brute_force():
             ]
             chosen.append(int(np.argmax(score)))
         assert got == chosen
-    assert selection.quality_fps(features[:2], k=3).tolist() == [
+    assert core_indices(features[:2], k=3).tolist() == [
         int(norms[:2].argmax()),
         1 - int(norms[:2].argmax()),
     ]
     duplicates = torch.ones(4, 3)
-    assert sorted(selection.quality_fps(duplicates, k=3).tolist()) == [0, 1, 2]
+    assert sorted(core_indices(duplicates, k=3).tolist()) == [0, 1, 2]
 
 
 def test_baselines_on_a_known_template():
     features = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0]])
     template = Template(features=features, media=torch.tensor([5, 5, 9]), style=None)
-    torch.testing.assert_close(fusion.mean(template), torch.tensor([2 / 3, 1 / 3]))
+    torch.testing.assert_close(methods.mean(template), torch.tensor([2 / 3, 1 / 3]))
     # Media 5 (two frames) and media 9 (one still) weigh the same.
-    torch.testing.assert_close(fusion.media_mean(template), torch.tensor([0.5, 0.5]))
-    torch.testing.assert_close(fusion.norm_mean(template), torch.tensor([2.0, 1 / 3]))
+    torch.testing.assert_close(methods.media_mean(template), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(methods.norm_mean(template), torch.tensor([2.0, 1 / 3]))
     # Core of 2: the largest norm, then the only image in another direction.
-    torch.testing.assert_close(fusion.core_mean(template, k=2), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(methods.core_mean(template, k=2), torch.tensor([0.5, 0.5]))
 
 
 def test_registry():
-    assert fusion.method_names()[:4] == BASELINES
-    assert fusion.get_method("norm-mean").build(None) is fusion.norm_mean
-    assert fusion.method_names()[4:] == ["caface", "coreset"]
-    assert fusion.get_method("caface").needs_style
-    assert not fusion.get_method("coreset").needs_style
+    assert methods.method_names()[:4] == BASELINES
+    assert methods.get_method("norm-mean").build(None) is methods.norm_mean
+    assert methods.method_names()[4:] == ["caface", "coreset"]
+    assert methods.get_method("caface").needs_style
+    assert not methods.get_method("coreset").needs_style
+    # The module's name for the method answers too, and is not listed twice.
+    assert methods.get_method("facecoresetnet") is methods.get_method("coreset")
+    assert methods.canonical_name("facecoresetnet") == "coreset"
     with pytest.raises(KeyError, match="unknown fusion method 'median'"):
-        fusion.get_method("median")
+        methods.get_method("median")
     with pytest.raises(ValueError, match="already registered"):
-        fusion.register_method(Method("mean", build=lambda c: fusion.mean, description=""))
+        methods.register_method(Method("mean", build=lambda c: methods.mean, description=""))
 
 
 def test_evaluation_is_deterministic_and_runs_registered_methods(monkeypatch, one_thread):
@@ -175,19 +180,19 @@ def test_evaluation_is_deterministic_and_runs_registered_methods(monkeypatch, on
         return lambda t: t.features[0]
 
     monkeypatch.setitem(
-        fusion._METHODS,
+        registry._METHODS,
         "first-image",
         Method("first-image", build_first_image, "first image", needs_checkpoint=True),
     )
-    methods = [*BASELINES, "first-image"]
+    names = [*BASELINES, "first-image"]
     runs = [
-        evaluate(bench.meta, bench.features, bench.style, methods, {"first-image": "w.pt"})
+        evaluate(bench.meta, bench.features, bench.style, names, {"first-image": "w.pt"})
         for _ in range(2)
     ]
     strip = lambda r: {k: v for k, v in r.to_json().items() if k != "fuse_seconds"}  # noqa: E731
     assert [strip(r) for r in runs[0]] == [strip(r) for r in runs[1]]
     assert built_with == ["w.pt", "w.pt"]
-    assert [r.method for r in runs[0]] == methods
+    assert [r.method for r in runs[0]] == names
     with pytest.raises(ValueError, match="'first-image' needs a checkpoint"):
         evaluate(bench.meta, bench.features, bench.style, ["first-image"])
 
@@ -201,7 +206,7 @@ def test_default_benchmark_norm_and_core_mean_beat_plain_averaging(one_thread):
     assert tar["norm-mean"] > tar["mean"] + 0.05
     assert tar["core-mean"] > tar["mean"] + 0.05
     assert rank1["core-mean"] > rank1["mean"] + 0.05
-    # Clearly beatable: room above plain averaging for learned fusion.
+    # Clearly beatable: room above plain averaging for learned methods.
     assert tar["mean"] < 0.8
 
 

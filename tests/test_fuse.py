@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedset.cli import main
-from fusedset.eval.fusion import Template, get_method
+from fusedset.methods import Template, get_method
 
 from .checkpoints import LAYOUTS, random_modules, write_checkpoint
 

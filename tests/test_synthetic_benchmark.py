@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from fusedset.cli import main
-from fusedset.eval.fusion import method_names
+from fusedset.methods import method_names
 
 from .helpers import torch_threads
 

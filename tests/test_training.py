@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusedset.cli import main
 from fusedset.data import IJBMeta, MetaFileError, write_benchmark
 from fusedset.data.synthetic import FACE, SynthConfig, generate
-from fusedset.eval.fusion import Template
-from fusedset.eval.learned import CAFaceFuser, CoresetFuser, load_module
+from fusedset.methods import Template
+from fusedset.methods.learned import CAFaceFuser, CoresetFuser, load_module
 from fusedset.nn import CAFace, FaceCoresetNet
 from fusedset.training import TrainConfig, build_model, train, training_set
 

@@ -9,7 +9,7 @@ from fusedset.cli import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fusedset.eval.fusion import method_names
+    from fusedset.methods import canonical_name, method_names
 
     parser = subparsers.add_parser(
         "eval",
@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         nargs="+",
+        type=canonical_name,
         metavar="NAME",
         help=f"fusion methods among {' '.join(method_names())} (default: every method that "
         "needs no checkpoint, and each learned method given one)",
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fusedset.data import MetaFileError, read_features, read_meta
-    from fusedset.eval.fusion import get_method, method_names
+    from fusedset.methods import get_method, method_names
 
     unknown = [m for m in args.method or [] if m not in method_names()]
     if unknown:
@@ -90,13 +91,14 @@ def parse_checkpoints(values: list[str], methods: list[str] | None) -> dict[str,
     """``--checkpoint`` values -> learned method -> path. ``METHOD=PATH`` names its method (a
     path may hold ``=`` when what precedes it is no method name); a bare ``PATH`` belongs to the
     one learned method that ``--method`` selects."""
-    from fusedset.eval.fusion import get_method, method_names
+    from fusedset.methods import canonical_name, get_method, method_names
 
     learned = [m for m in method_names() if get_method(m).needs_checkpoint]
     selected = [m for m in methods or [] if m in learned]
     checkpoints: dict[str, str] = {}
     for value in values:
         name, has_name, path = value.partition("=")
+        name = canonical_name(name)
         if not has_name or name not in method_names():
             if len(selected) != 1:
                 raise UsageError(

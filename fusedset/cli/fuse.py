@@ -9,7 +9,7 @@ from fusedset.cli import UsageError, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fusedset.eval.fusion import method_names
+    from fusedset.methods import canonical_name, method_names
 
     parser = subparsers.add_parser(
         "fuse",
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with METHOD, and write templates and L2-normalized descriptors to OUT (.npz or "
         ".safetensors).",
     )
-    parser.add_argument("--method", required=True, choices=method_names())
+    parser.add_argument("--method", required=True, type=canonical_name, choices=method_names())
     parser.add_argument("--features", type=Path, required=True, metavar="F")
     parser.add_argument(
         "--templates",
@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fusedset.data.ijb import style_path
-    from fusedset.eval.fusion import get_method
     from fusedset.fuse import check_output, fuse_templates, read_images, write_descriptors
+    from fusedset.methods import get_method
 
     if get_method(args.method).needs_checkpoint and args.checkpoint is None:
         raise UsageError(f"method {args.method!r} needs --checkpoint")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fusedset.cli import UsageError
+from fusedset.methods.registry import canonical_name
 from fusedset.training import METHODS, TrainConfig
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "identities the evaluation does not use, e.g. "
         "`fusedset data synth --split train`.",
     )
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--method", required=True, type=canonical_name, choices=METHODS)
     parser.add_argument(
         "--features",
         type=Path,

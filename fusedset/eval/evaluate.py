@@ -14,7 +14,7 @@ import torch
 
 from fusedset.data.ijb import IJBMeta, MetaFileError, template_groups
 from fusedset.eval import metrics
-from fusedset.eval.fusion import Fuser, Template, get_method
+from fusedset.methods import Fuser, Template, get_method
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import torch
@@ -29,6 +30,11 @@ CheckpointSource: TypeAlias = str | os.PathLike[str] | Mapping[str, Any]
 
 CAFACE_PREFIX = "aggregator."
 FACECORESETNET_PREFIX = "aggregate_model."
+CHECKPOINT_KEY = "fusedset"  # a `fusedset train` checkpoint's metadata entry, by its state_dict
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or of the wrong kind; the message names the file."""
 
 
 class CheckpointKeyError(ValueError):
@@ -45,10 +51,38 @@ class CheckpointKeyError(ValueError):
         super().__init__("\n".join(lines))
 
 
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping stored at `path` (`torch.load(weights_only=True)`); CheckpointError naming
+    the file when it is missing, unreadable or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # whatever torch.load raises, the file is not a checkpoint
+        raise CheckpointError(
+            f"{path}: not a checkpoint that torch.load(weights_only=True) reads "
+            f"({_load_failure(exc)})"
+        ) from exc
+    if not isinstance(stored, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a state dict or a checkpoint dict, found {type(stored).__name__}"
+        )
+    return dict(stored)
+
+
+def _load_failure(exc: Exception) -> str:
+    """The gist of a torch.load error: its unpickler's complaint (torch wraps it in a long
+    advice text), else its first line, else its type."""
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_state_dict(source: CheckpointSource) -> dict[str, Any]:
     """A path or mapping -> a flat key -> tensor dict, unwrapping a `state_dict` entry."""
     if isinstance(source, str | os.PathLike):
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        source = read_checkpoint(source)
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a checkpoint path or a state dict, got {type(source).__name__}")
     if isinstance(source.get("state_dict"), Mapping):

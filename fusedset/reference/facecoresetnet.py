@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedset.reference._sinusoid import sinusoidal_encoding
+from fusedset.reference.quality_fps import quality_fps
 
 
 class CoreTemplate(NamedTuple):
@@ -32,23 +33,6 @@ class FaceCoresetNetOutput(NamedTuple):
     core_template: torch.Tensor  # (B, K, C)
     selected_indices: torch.Tensor  # (B, K)
     fps_only_mean: torch.Tensor  # (B, C): mean of the core template ("selection only")
-
-
-def _pick(logits: torch.Tensor, training: bool, noise: torch.Tensor | None) -> torch.Tensor:
-    """(B, N) logits -> (B, N) one-hot selection.
-
-    Eval: the released gumbel_softmax(1e4 * logits, tau=1e-10, hard=True) is an argmax unless
-    two logits lie within about 1e-3 of each other (Gumbel noise / 1e4); the argmax is taken
-    without noise so that the reference is deterministic. Training: scale 1, tau 1, hard one-hot
-    forward with the straight-through gradient of the soft sample, as gumbel_softmax(hard=True).
-    """
-    if not training:
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
-    if noise is None:
-        noise = -torch.empty_like(logits).exponential_().log()
-    soft = torch.softmax(logits + noise, dim=-1)
-    hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
 
 
 def select_core_template(
@@ -65,9 +49,34 @@ def select_core_template(
     The first pick is the largest norm; each next one the largest
     d_i = min over picked s of norms_i^gamma * (1 - cos(x_i, x_s)) / 2.
     `norms` (B, N) is the quality signal (the released model passes the given norms, equal to
-    ||x_i||). `noise` (k, B, N): standard Gumbel samples for the training-mode picks (drawn when
-    omitted; ignored in eval). A picked row is formed as x^T y from the one-hot y, as released,
-    so that in training gradients reach the features, the norms and gamma through y.
+    ||x_i||). Eval: the picks of ``fusedset.reference.quality_fps`` on the directions scaled by
+    `norms` (the released gumbel_softmax(1e4 * logits, tau=1e-10, hard=True) is that argmax
+    unless two logits lie within about 1e-3 of each other; the argmax keeps the reference
+    deterministic). Training: see `_training_selection`.
+    """
+    if training:
+        return _training_selection(features, norms, k, gamma, noise)
+    with torch.no_grad():
+        indices = quality_fps(F.normalize(features, dim=-1), k, gamma, row_scale=norms)
+    rows = features.gather(1, indices[..., None].expand(-1, -1, features.shape[-1]))
+    return CoreTemplate(rows, indices)
+
+
+def _training_selection(
+    features: torch.Tensor,
+    norms: torch.Tensor,
+    k: int,
+    gamma: torch.Tensor | float,
+    noise: torch.Tensor | None,
+) -> CoreTemplate:
+    """The released training-mode loop, kept apart from ``fusedset.reference.quality_fps``
+    because its semantics differ: a row picked earlier may be picked again (its distance is 0,
+    but the Gumbel noise can still make it the largest), which the op never does.
+
+    Scale 1, tau 1, hard one-hot forward with the straight-through gradient of the soft sample,
+    as gumbel_softmax(hard=True). `noise` (k, B, N): standard Gumbel samples (drawn when
+    omitted). A picked row is formed as x^T y from the one-hot y, as released, so that gradients
+    reach the features, the norms and gamma through y.
     """
     k = min(k, features.shape[1])
     units = F.normalize(features, dim=-1)
@@ -75,7 +84,10 @@ def select_core_template(
     logits = norms
     rows, indices = [], []
     for step in range(k):
-        one_hot = _pick(logits, training, None if noise is None else noise[step])
+        gumbel = -torch.empty_like(logits).exponential_().log() if noise is None else noise[step]
+        soft = torch.softmax(logits + gumbel, dim=-1)
+        hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
+        one_hot = hard - soft.detach() + soft
         row = torch.einsum("bn,bnc->bc", one_hot, features)
         rows.append(row)
         indices.append(one_hot.argmax(dim=-1))

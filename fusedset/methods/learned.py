@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from fusedset.eval.fusion import Template
+from fusedset.methods.registry import Template, canonical_name
 from fusedset.nn import CAFace, CheckpointKeyError, FaceCoresetNet
-from fusedset.nn.checkpoints import CAFACE_PREFIX, FACECORESETNET_PREFIX, read_state_dict
-from fusedset.training import CHECKPOINT_KEY
+from fusedset.nn.checkpoints import (
+    CAFACE_PREFIX,
+    CHECKPOINT_KEY,
+    FACECORESETNET_PREFIX,
+    CheckpointError,
+    read_checkpoint,
+    read_state_dict,
+)
 
 DEFAULT_CHUNK_SIZE = 256  # CAFace frames per chunk (the released memory mode's unit)
 
@@ -30,43 +35,13 @@ _PREFIXES = {"caface": CAFACE_PREFIX, "coreset": FACECORESETNET_PREFIX}
 _MODEL_NAMES = {"caface": "CAFace", "coreset": "FaceCoresetNet"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or of the wrong kind; the message names the file."""
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping stored at ``path`` (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # whatever torch.load raises, the file is not a checkpoint
-        raise CheckpointError(
-            f"{path}: not a checkpoint that torch.load(weights_only=True) reads "
-            f"({_load_failure(exc)})"
-        ) from exc
-    if not isinstance(stored, Mapping):
-        raise CheckpointError(
-            f"{path}: expected a state dict or a checkpoint dict, found {type(stored).__name__}"
-        )
-    return dict(stored)
-
-
-def _load_failure(exc: Exception) -> str:
-    """The gist of a torch.load error: its unpickler's complaint (torch wraps it in a long
-    advice text), else its first line, else its type."""
-    text = str(exc).split("WeightsUnpickler error:")[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def checkpoint_kind(stored: Mapping[str, Any]) -> str | None:
     """``caface``, ``coreset`` or None: what a checkpoint holds, by its metadata when
     ``fusedset train`` wrote it, else by its keys."""
     info = stored.get(CHECKPOINT_KEY)
-    if isinstance(info, Mapping) and info.get("method") in _MODEL_NAMES:
-        return info["method"]
+    method = info.get("method") if isinstance(info, Mapping) else None
+    if isinstance(method, str) and canonical_name(method) in _MODEL_NAMES:
+        return canonical_name(method)
     try:
         keys = read_state_dict(stored).keys()
     except TypeError:
@@ -89,6 +64,7 @@ def _key_problem(exc: CheckpointKeyError) -> str:
 def load_module(path: str | os.PathLike[str], method: str) -> CAFace | FaceCoresetNet:
     """The fast module of ``method`` (``caface`` or ``coreset``) in eval mode, from a released
     or ``fusedset train`` checkpoint at ``path``."""
+    method = canonical_name(method)
     if method not in _MODEL_NAMES:
         raise ValueError(f"method must be one of {', '.join(_MODEL_NAMES)}, got {method!r}")
     stored = read_checkpoint(path)

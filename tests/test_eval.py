@@ -13,7 +13,7 @@ from fusedset.cli import main
 from fusedset.data import write_benchmark
 from fusedset.data.synthetic import SynthConfig, generate
 from fusedset.eval import metrics
-from fusedset.eval.evaluate import evaluate, format_table, pair_scores
+from fusedset.eval.run import evaluate, format_table, pair_scores
 from fusedset.methods import Method, Template, registry
 from fusedset.methods.baselines import core_indices
 

@@ -8,7 +8,8 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class UsageError(Exception):
@@ -24,6 +25,33 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, except a default that means "not given"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A subcommand's parser, whose help shows every option's default."""
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_defaulted(parser: argparse.ArgumentParser, options: Iterable[tuple[str, Any, str]]) -> None:
+    """Options given as (flag, default, help), each of its default's type: the numbers a
+    configuration dataclass holds."""
+    for flag, default, text in options:
+        parser.add_argument(flag, type=type(default), default=default, help=text)
+
+
+def add_threads(parser: argparse.ArgumentParser, why: str) -> None:
+    parser.add_argument("--threads", type=int, default=1, help=f"torch intra-op threads ({why})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fusedset.cli import UsageError
+from fusedset.cli import UsageError, add_command, add_defaulted
 from fusedset.data.synthetic import SPLITS, SynthConfig
 
 
@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="benchmark data in the IJB-B/C layout")
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     defaults = SynthConfig()
-    synth = commands.add_parser(
+    synth = add_command(
+        commands,
         "synth",
         help="write the seeded synthetic surveillance benchmark",
         description="Write OUT/meta/synth_*.txt|csv (IJB layout), OUT/synth_features.npy and "
@@ -22,38 +23,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "`fusedset eval --meta OUT/meta --features OUT/synth_features.npy`.",
     )
     synth.add_argument("--out", type=Path, required=True, help="output directory")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
     synth.add_argument(
         "--split",
         choices=SPLITS,
         default="eval",
-        help="eval (default): the benchmark; train: a training set for it, with the same "
+        help="eval: the benchmark; train: a training set for it, with the same "
         "backbone constants (non-face direction, clean style statistics) but other "
         "identities, for `fusedset train`",
     )
-    synth.add_argument(
-        "--enrolled",
-        type=int,
-        default=defaults.enrolled,
-        help=f"identities with a gallery template (default: {defaults.enrolled})",
-    )
-    synth.add_argument(
-        "--unenrolled",
-        type=int,
-        default=defaults.unenrolled,
-        help=f"open-set identities with a probe only (default: {defaults.unenrolled})",
-    )
-    synth.add_argument(
-        "--frames-median",
-        type=float,
-        default=defaults.frames_median,
-        help=f"median frames per probe (default: {defaults.frames_median:g})",
-    )
-    synth.add_argument(
-        "--frames-max",
-        type=int,
-        default=defaults.frames_range[1],
-        help=f"most frames per probe (default: {defaults.frames_range[1]})",
+    add_defaulted(
+        synth,
+        [
+            ("--enrolled", defaults.enrolled, "identities with a gallery template"),
+            ("--unenrolled", defaults.unenrolled, "open-set identities with a probe only"),
+            ("--frames-median", defaults.frames_median, "median frames per probe"),
+            ("--frames-max", defaults.frames_range[1], "most frames per probe"),
+        ],
     )
     synth.set_defaults(func=run_synth)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusedset.cli import UsageError
+from fusedset.cli import UsageError, add_command, add_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fusedset.methods import canonical_name, method_names
 
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "eval",
         help="1:1 TAR@FAR and 1:N rank / TPIR of fusion methods on IJB-layout data",
         description="Fuse every template with each method, then print 1:1 verification TAR "
@@ -33,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         type=canonical_name,
         metavar="NAME",
-        help=f"fusion methods among {' '.join(method_names())} (default: every method that "
-        "needs no checkpoint, and each learned method given one)",
+        help=f"fusion methods among {' '.join(method_names())}; when not given, every method "
+        "that needs no checkpoint, and each learned method given one",
     )
     parser.add_argument(
         "--checkpoint",
@@ -45,18 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "exactly one learned method. A released checkpoint or one written by `fusedset train`",
     )
     parser.add_argument("--out", type=Path, help="write results.json and roc.png here")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default: 1; per-template ops are too small to share)",
-    )
+    add_threads(parser, "per-template ops are too small to share")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from fusedset.eval.evaluate import evaluate, format_table, write_report
+        from fusedset.eval.run import evaluate, format_table, write_report
     except ImportError as exc:
         raise UsageError(f"{exc}; install the eval extra: pip install 'fusedset[eval]'") from exc
     import torch

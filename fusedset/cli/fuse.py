@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusedset.cli import UsageError, positive_int
+from fusedset.cli import UsageError, add_command, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fusedset.methods import canonical_name, method_names
 
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "fuse",
         help="fuse each template of a feature file into one descriptor",
         description="Read per-image features (.npy with --templates, or .npz/.safetensors "

@@ -12,7 +12,7 @@ import shlex
 import time
 from pathlib import Path
 
-from fusedset.cli import UsageError, positive_int
+from fusedset.cli import UsageError, add_command, positive_int
 from fusedset.training import METHODS, TrainConfig
 
 # A benchmark of a few seconds end to end, for tests and smoke runs.
@@ -31,7 +31,8 @@ FEATURES = "synth_features.npy"  # what `fusedset data synth` writes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "synthetic-benchmark",
         help="generate, train both modules, evaluate all methods on the synthetic benchmark",
         description="Run the synthetic accuracy benchmark end to end, printing each command "
@@ -44,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         default=Path("bench-results/synthetic"),
-        help="output directory (default: bench-results/synthetic)",
+        help="output directory",
     )
-    parser.add_argument("--seed", type=int, default=0, help="benchmark seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="benchmark seed")
     parser.add_argument(
         "--epochs",
         type=positive_int,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusedset.cli import UsageError
+from fusedset.cli import UsageError, add_command, add_defaulted, add_threads
 from fusedset.methods.registry import canonical_name
 from fusedset.training import METHODS, TrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "train",
         help="train a fusion module (caface, coreset) on frozen features",
         description="Train a fresh CAFace or FaceCoresetNet on the templates of an IJB-layout "
@@ -36,29 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--meta", type=Path, required=True, metavar="DIR", help="the IJB-layout meta directory"
     )
     parser.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint path")
-    parser.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help=f"default: {defaults.epochs}"
+    add_defaulted(
+        parser,
+        [
+            ("--epochs", defaults.epochs, "passes over the templates"),
+            ("--batch-size", defaults.batch_size, "templates per step"),
+            ("--max-frames", defaults.max_frames, "frames drawn from a template per step"),
+            ("--lr", defaults.lr, "AdamW learning rate"),
+            ("--seed", defaults.seed, "random seed"),
+        ],
     )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.batch_size,
-        help=f"default: {defaults.batch_size}",
-    )
-    parser.add_argument(
-        "--max-frames",
-        type=int,
-        default=defaults.max_frames,
-        help=f"frames drawn from a template per step (default: {defaults.max_frames})",
-    )
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"default: {defaults.lr:g}")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="default: 0")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default: 1, which also keeps runs bitwise reproducible)",
-    )
+    add_threads(parser, "1 also keeps runs bitwise reproducible")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

@@ -1,2 +1,2 @@
-"""Accuracy evaluation: 1:1 / 1:N metrics and the IJB-style evaluation run of the methods in
-``fusedset.methods``."""
+"""Accuracy evaluation of the methods in ``fusedset.methods``: 1:1 / 1:N metrics
+(``metrics``) and the IJB-style evaluation run (``run.evaluate``)."""

@@ -6,6 +6,7 @@ same inputs, one after another, so machine noise hits them alike. Timed tests ar
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -140,16 +141,21 @@ def freed_memory_kept() -> Iterator[bool]:
 
 
 def time_cpu(
-    calls: Mapping[str, Callable], inputs: Sequence[tuple], warmup: int = 1, repeats: int = 7
+    calls: Mapping[str, Callable],
+    inputs: Sequence[tuple],
+    warmup: int = 1,
+    repeats: int = 7,
+    keep_freed_memory: bool = True,
 ) -> dict[str, float]:
     """Median seconds of each ``call(*args)``, the calls taking turns so that a shared machine's
     drift during the measurement reaches every one alike (timed one block after another, a
     drift between the blocks goes into the ratio). Consecutive calls take consecutive inputs
     (with more than one), so that no call finds its input already in cache from the call
-    before; freed memory is kept for reuse (see ``freed_memory_kept``)."""
+    before; freed memory is kept for reuse (see ``freed_memory_kept``) unless
+    ``keep_freed_memory`` is False, which times the calls as a fresh process has them."""
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
-    with freed_memory_kept():
+    with freed_memory_kept() if keep_freed_memory else contextlib.nullcontext():
         for turn in range((warmup + repeats) * len(names)):
             name = names[turn % len(names)]
             args = inputs[turn % len(inputs)]

@@ -17,9 +17,7 @@ beside the target as the stricter figure."""
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -31,6 +29,7 @@ from fusedset.bench.common import (
     fresh_process,
     h100_roofline_s,
     peak_extra_memory,
+    time_cpu,
 )
 from fusedset.nn import FaceCoresetNet
 from fusedset.nn.facecoresetnet import _select_core
@@ -214,20 +213,14 @@ def _peak_mib(part: str, n: int) -> float:
 
 
 def _default_allocator_seconds() -> tuple[float, float]:
-    """Median seconds of the whole module, fusedset's and the released-style one, alternating,
+    """Median seconds of the whole module, fusedset's and the released-style one, taking turns,
     with glibc's allocator as a fresh process has it: each call maps and zeroes its large
-    temporaries anew (the cost the released code has in a user's process). The first call of
-    each is a warm-up."""
+    temporaries anew (the cost the released code has in a user's process)."""
     eager, fast = _models()
     inputs = [_template(TARGET_N, seed) for seed in range(2)]
-    times: dict[Callable, list[float]] = {fast: [], eager: []}
-    with torch.no_grad():
-        for i in range(6):
-            for module, seconds in times.items():
-                start = time.perf_counter()
-                module(*inputs[i % 2])
-                seconds.append(time.perf_counter() - start)
-    return statistics.median(times[fast][1:]), statistics.median(times[eager][1:])
+    calls = {FAST: _no_grad(fast), EAGER: _no_grad(eager)}
+    seconds = time_cpu(calls, inputs, warmup=1, repeats=5, keep_freed_memory=False)
+    return seconds[FAST], seconds[EAGER]
 
 
 if __name__ == "__main__":

@@ -33,6 +33,30 @@ def cuda_only(test: Callable) -> Callable:
 TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 
 
+def interpreter_only(reason: str) -> pytest.MarkDecorator:
+    """For a Triton test that cannot run compiled (it wraps the interpreter's internals, or
+    expects a failed device check to raise where CUDA would end the process's context)."""
+    return pytest.mark.skipif(TRITON_DEVICE != "cpu", reason=reason)
+
+
+def moved(value: object, device: str | torch.device) -> object:
+    """value with every tensor in it (in tuples and lists too) on device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(moved(v, device) for v in value)
+    return value
+
+
+def run_on(device: str, fn: Callable, *args: object, **kwargs: object) -> object:
+    """fn run with its tensor arguments on device, its tensor outputs back where the first tensor
+    argument was: a Triton launcher on TRITON_DEVICE, or a C++ CPU kernel, beside expected values
+    computed elsewhere. Without a move (all on device already) it is fn itself."""
+    home = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    out = fn(*moved(args, device), **{k: moved(v, device) for k, v in kwargs.items()})
+    return out if home is None else moved(out, home)
+
+
 def triton_kernels_or_none(op: str) -> ModuleType | None:
     """``fusedset.triton_kernels.<op>``, or None without triton (a CPU-only torch): importing
     it at the top of a test module must not skip the module's other tests. Its test_triton_*

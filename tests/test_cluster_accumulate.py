@@ -11,6 +11,7 @@ from .helpers import (
     TRITON_DEVICE,
     assert_compiled_matches_reference,
     assert_rel_close,
+    run_on,
     torch_threads,
     triton_kernels_or_none,
 )
@@ -25,12 +26,12 @@ OUT_RTOL = {**RTOL, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
 def cpp(*args):
-    """The C++ kernel itself, never the reference."""
-    return torch.ops.fusedset.cluster_accumulate.default(*args)
+    """The C++ kernel itself, never the reference (nor, for CUDA tensors, the Triton kernel)."""
+    return run_on("cpu", torch.ops.fusedset.cluster_accumulate.default, *args)
 
 
 def cpp_backward(*args):
-    return torch.ops.fusedset.cluster_accumulate_backward.default(*args)
+    return run_on("cpu", torch.ops.fusedset.cluster_accumulate_backward.default, *args)
 
 
 def problem(b, n, d, m, c, dtype=torch.float32, shared=False, device="cpu", sharp=1.0):

@@ -18,9 +18,12 @@ from fusedset.reference.sinusoid_attention_pool import pool as reference_pool
 from .helpers import (
     DEVICES,
     RTOL,
+    TRITON_DEVICE,
     assert_compiled_matches_reference,
     assert_rel_close,
+    interpreter_only,
     max_rel_error,
+    run_on,
     torch_threads,
     triton_kernels_or_none,
 )
@@ -35,8 +38,8 @@ OUT_RTOL = {**RTOL, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
 def cpp(*args):
-    """The C++ kernel itself, never the reference."""
-    return torch.ops.fusedset.sinusoid_attention_pool.default(*args)
+    """The C++ kernel itself, never the reference (nor, for CUDA tensors, the Triton kernel)."""
+    return run_on("cpu", torch.ops.fusedset.sinusoid_attention_pool.default, *args)
 
 
 def problem(b, n, c, r, d, dtype=torch.float32, device="cpu", seed=0, positions=(5.0, 40.0)):
@@ -188,8 +191,8 @@ def test_cpp_nan_row_poisons_the_output():
 
 def run_triton(x, queries, code_queries, positions, row_scale=None, lengths=None):
     d = code_queries.shape[-1]
-    return triton_kernels.forward(x, queries, code_queries, positions, divisors_for(d), TWO_PI,
-                                  1e-5, row_scale, lengths)  # fmt: skip
+    return run_on(TRITON_DEVICE, triton_kernels.forward, x, queries, code_queries, positions,
+                  divisors_for(d), TWO_PI, 1e-5, row_scale, lengths)  # fmt: skip
 
 
 # The resident kernel: N = 1 and R = 1; split tails; R = 24 (a 32-query block) at its full width
@@ -255,6 +258,7 @@ def launched(monkeypatch):
 )
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.cuda
+@interpreter_only("records the interpreter's launches")
 def test_triton_launches_its_plan(monkeypatch, c, d, constants):
     for name, value in constants.items():
         monkeypatch.setattr(triton_kernels, name, value)
@@ -293,7 +297,7 @@ def test_triton_plan_at_scale():
 def test_triton_is_bitwise_deterministic_and_matches_cpp():
     args = problem(1, 300, 24, 8, 16)
     call = (*args[:4], divisors_for(16), TWO_PI, 1e-5, args[4], None)
-    first, second = triton_kernels.forward(*call), triton_kernels.forward(*call)
+    first, second = (run_on(TRITON_DEVICE, triton_kernels.forward, *call) for _ in range(2))
     for a, b, c in zip(first, second, cpp(*call), strict=True):
         assert torch.equal(a, b)
         assert_rel_close(a, c, 1e-5)
@@ -303,14 +307,15 @@ def test_triton_is_bitwise_deterministic_and_matches_cpp():
 def test_triton_rejects_float64():
     x, q, g, pos, _ = problem(1, 4, 8, 2, 4)
     with pytest.raises(TypeError, match=r"float16, bfloat16 or float32 x, got torch.float64"):
-        triton_kernels.forward(x.double(), q, g, pos, divisors_for(4), TWO_PI, 1e-5)
+        run_on(TRITON_DEVICE, triton_kernels.forward, x.double(), q, g, pos, divisors_for(4),
+               TWO_PI, 1e-5)  # fmt: skip
 
 
 @pytest.mark.cuda
 def test_triton_rejects_too_many_queries():
     x, q, g, pos, _ = problem(1, 4, 8, 65, 4)
     with pytest.raises(ValueError, match=r"R <= 64, got R = 65"):
-        triton_kernels.forward(x, q, g, pos, divisors_for(4), TWO_PI, 1e-5)
+        run_on(TRITON_DEVICE, triton_kernels.forward, x, q, g, pos, divisors_for(4), TWO_PI, 1e-5)
 
 
 # ---------------------------------------------------------------- C++ backward

@@ -16,8 +16,10 @@ valid): a bad input on one rank makes every rank raise, the faulty rank its own 
 others a RuntimeError naming it. A rank that dies or never calls in is caught by the process
 group's timeout (``init_process_group(timeout=...)``), as for any collective.
 
-The forms here are the eval forms: no gradient crosses ranks, so ``fuse`` refuses a module in
-training mode and runs without autograd.
+Gradients flow through both forms when every rank computes the same loss from the result and
+calls backward: each rank gets the gradient of its own frames, and every rank the whole
+gradient of the module's parameters. The module must be in eval mode: training mode's Gumbel
+selection, attention dropout and BatchNorm batch statistics have no distributed form here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,55 @@ from fusedset.ops._checks import FLOAT_DTYPES, all_finite
 
 _WHERE = "fusedset.distributed.fuse"
 _DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+
+
+# Gradients: every rank computes the same loss from the same (replicated) result, so a value
+# summed across ranks passes its gradient through unchanged, a gathered value hands each rank
+# the gradient of its own part, and a replicated value read by every rank's shard sums the
+# shards' gradients. The only collective of a backward is that sum: every rank must call
+# backward.
+class _SumAcrossRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: object) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _GatherAcrossRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: object) -> torch.Tensor:
+        ctx.rank = dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad[ctx.rank], None
+
+
+class _SharedAcrossRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group: object, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (
+            None,
+            *(
+                part.view_as(g)
+                for part, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+            ),
+        )
 
 
 def fuse(
@@ -62,10 +113,11 @@ def fuse(
       as small torch ops on each shard (a mat-vec per step), not the quality_fps kernels; the
       pooling runs the sinusoid_attention_pool kernels on each shard.
 
-    Numbers each rank contributes per call, whatever n is: FaceCoresetNet ``B (5 + k (2 + C +
-    1) + R (C + 1))`` with k = min(K, N) steps and R = K x heads folded queries (float64 for the
-    header and the per-step (distance, index) pairs, float32 for rows and partials); CAFace
-    ``5 B`` header numbers plus ``B M (2 C + 2 D + 1) + 1`` float64 sums.
+    Numbers each rank contributes per call, whatever n is (besides a header of 5 int64):
+    FaceCoresetNet ``B k (2 + C + 1) + B R (C + 1)``, the per-step (distance, index) pairs in
+    float64, picked rows and the (pooled, logsumexp) partials in float32, with k = min(K, N)
+    and R = K x heads folded queries, and ``2 B R C`` float32 in a backward; CAFace
+    ``B M (2 C + 2 D + 1) + 1`` float64 sums (M centers, D token width), none in a backward.
     """
     if not isinstance(module, CAFace | FaceCoresetNet):
         raise TypeError(
@@ -74,14 +126,13 @@ def fuse(
         )
     if module.training:
         raise ValueError(
-            f"{_WHERE}: module must be in eval mode (module.eval()); the distributed forms "
-            "carry no gradient across ranks"
+            f"{_WHERE}: module must be in eval mode (module.eval()); training mode's random "
+            "selection, dropout and batch statistics have no distributed form"
         )
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    with torch.no_grad():
-        if isinstance(module, CAFace):
-            return _fuse_caface(module, inputs, group, rank, world, normalization, chunk_size)
-        return _fuse_coreset(module, inputs, group, rank, world)
+    if isinstance(module, CAFace):
+        return _fuse_caface(module, inputs, group, rank, world, normalization, chunk_size)
+    return _fuse_coreset(module, inputs, group, rank, world)
 
 
 def _check_shard(
@@ -148,6 +199,19 @@ def _agree(
 # -- CAFace ----------------------------------------------------------------------------------
 
 
+class _ShardStream(torch.nn.Module):
+    """Streams a shard through ``model``, a submodule so that functional_call can run it on
+    the parameters' shared copies: the shards' parameter gradients are then summed across
+    ranks, those of the aggregation after the sum are whole on every rank already."""
+
+    def __init__(self, model: CAFace) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, stream, features: torch.Tensor, style_stats: torch.Tensor) -> dict:
+        return stream.update(features, style_stats).state.state_dict()
+
+
 def _fuse_caface(
     module: CAFace,
     inputs: tuple[torch.Tensor, ...],
@@ -158,13 +222,18 @@ def _fuse_caface(
     chunk_size: int | None,
 ) -> torch.Tensor:
     error, shape, dtype, stream, sums = None, (0, 0, 0), None, None, {}
+    names = [name for name, _ in module.named_parameters()]
+    shared = _SharedAcrossRanks.apply(group, *(p for _, p in module.named_parameters()))
     try:
         tail = (module.config.style_channels, 2)
         shape = _check_shard(inputs, ("features", "style_stats"), None, tail)
         stream = module.stream(shape[0], normalization, chunk_size)
         if shape[1]:
-            stream.update(*inputs)
-            sums = stream.state.state_dict()
+            sums = torch.func.functional_call(
+                _ShardStream(module),
+                {f"model.{name}": p for name, p in zip(names, shared, strict=True)},
+                (stream, *inputs),
+            )
             dtype = _DTYPES_BY_NAME[sums["dtype"]]
     except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
@@ -185,7 +254,10 @@ def _fuse_caface(
         ]
         + [torch.tensor([float(sums.get("chunks", 0))], dtype=torch.float64)]
     )
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    if shared and not sums:
+        # Zeros that depend on the shared parameters: this rank's backward joins their sum.
+        flat = flat + 0 * shared[0].flatten()[0]
+    flat = _SumAcrossRanks.apply(flat, group)
     state: dict[str, object] = {}
     offset = 0
     for k, s in shapes.items():
@@ -225,8 +297,9 @@ def _fuse_coreset(
     layer = module.decoder_layer1
     attention = layer.multihead_attn1
     folded = fold_queries(module._decoder_query(core, None), attention)
-    code_queries = folded * module.pos_trans_norm.weight
-    batch, rows = folded.shape[:2]
+    folded, code_queries = _SharedAcrossRanks.apply(
+        group, folded, folded * module.pos_trans_norm.weight
+    )
     if embeddings.shape[1]:
         pooled, logsumexp = sinusoid_attention_pool(
             embeddings,
@@ -238,23 +311,22 @@ def _fuse_coreset(
             eps=module.pos_trans_norm.eps,
         )
     else:
-        pooled = folded.new_zeros(batch, rows, shape[2])
-        logsumexp = folded.new_full((batch, rows), float("-inf"))
+        # Zeros that depend on the shared queries: this rank's backward joins their sum.
+        pooled = folded * 0
+        logsumexp = folded.new_full(folded.shape[:2], float("-inf"))
     partial = torch.cat([pooled, logsumexp[..., None]], dim=-1).to(folded.dtype)
-    partials = [torch.empty_like(partial) for _ in range(world)]
-    dist.all_gather(partials, partial, group=group)
-    attended = project_pooled(_merge_partials(partials), attention)
+    attended = project_pooled(_merge_partials(_GatherAcrossRanks.apply(partial, group)), attention)
     refined = core + layer.norm2(core + layer.dropout2(attended))
     aggregated = refined.mean(dim=1)
     norm = torch.linalg.vector_norm(aggregated, dim=-1, keepdim=True)
     return aggregated / norm, norm
 
 
-def _merge_partials(partials: list[torch.Tensor]) -> torch.Tensor:
-    """Per-rank (pooled | logsumexp) (B, R, C + 1) -> the pooled softmax over all ranks' rows,
+def _merge_partials(partials: torch.Tensor) -> torch.Tensor:
+    """Per-rank (pooled | logsumexp) (world, B, R, C + 1) -> the pooled softmax over all rows,
     merged in rank order (every rank gets the same bits). An empty shard's logsumexp is -inf:
     its weight is 0."""
-    top = torch.stack([p[..., -1] for p in partials]).amax(dim=0)
+    top = partials[..., -1].amax(dim=0)
     total = weighted = None
     for p in partials:
         weight = torch.exp(p[..., -1] - top)
@@ -284,12 +356,13 @@ def distributed_core(
     argmax takes the first maximum). Zero-norm rows score the lowest finite value, so they come
     only once nothing else is left, in index order. The owner contributes the picked row (and
     its norm) to an all-reduce the other ranks feed zeros: the sum is the row, bit for bit."""
-    x = embeddings * norms[..., None]
+    rows = embeddings * norms[..., None]
+    x = rows.detach()
     batch, n, width = x.shape
     q = torch.linalg.vector_norm(x, dim=-1)
     nonzero = q > 0
     inv_q = torch.where(nonzero, 1 / torch.where(nonzero, q, 1), 0)
-    half_qg = torch.where(nonzero, torch.where(nonzero, q, 1) ** gamma, 0) / 2
+    half_qg = torch.where(nonzero, torch.where(nonzero, q, 1) ** gamma.detach(), 0) / 2
     lowest = torch.finfo(x.dtype).min
     available = torch.ones_like(nonzero)
     probes = torch.arange(batch)
@@ -308,19 +381,20 @@ def distributed_core(
         table = torch.stack(proposals)  # (world, B, 2)
         owner = table[..., 0].argmax(dim=0)
         picked = table[owner, probes, 1].long()
-        mine = owner == rank
-        local = (picked - start).clamp(0, max(n - 1, 0))
+        mine = probes[owner == rank]
+        local = picked[mine] - start
         row = x.new_zeros(batch, width + 1)
-        if bool(mine.any()):
-            row[mine, :width] = x[probes[mine], local[mine]]
-            row[mine, width] = q[probes[mine], local[mine]]
-            available[probes[mine], local[mine]] = False
-        dist.all_reduce(row, op=dist.ReduceOp.SUM, group=group)
-        picked_row, picked_norm = row[:, :width], row[:, width]
-        core.append(picked_row)
+        if len(mine):
+            # The picked rows carry their gradient back to this rank's frames.
+            row[mine, :width] = rows[mine, local]
+            row[mine, width] = q[mine, local]
+            available[mine, local] = False
+        row = _SumAcrossRanks.apply(row, group)
+        core.append(row[:, :width])
         picks.append(picked)
         if step + 1 == min(k, total) or not n:
             continue
+        picked_row, picked_norm = row[:, :width].detach(), row[:, width].detach()
         inv_r = torch.where(picked_norm > 0, 1 / torch.where(picked_norm > 0, picked_norm, 1), 0)
         cos = (x @ (picked_row * inv_r[:, None])[..., None]).squeeze(-1) * inv_q
         dist_new = half_qg * (1 - cos).clamp_min(0)

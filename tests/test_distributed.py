@@ -31,6 +31,7 @@ CAFACE_CONFIG = dict(
 CORESET_SHARDS = {"uneven_empty": (5, 0, 8), "one_each": (1, 9, 3), "k_above_n": (1, 0, 1)}
 CAFACE_SHARDS = {"uneven_empty": (4, 0, 7), "single_frames": (1, 1, 1)}
 CHUNK_SIZE = 3
+GRAD_SHARDS = (5, 0, 8)
 
 
 def coreset_model() -> FaceCoresetNet:
@@ -78,6 +79,39 @@ def error_of(call) -> str:
     return "no error"
 
 
+def loss_of(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A loss that weighs every output number differently."""
+    outputs = result if isinstance(result, tuple) else (result,)
+    generator = torch.Generator().manual_seed(7)
+    return sum((out * torch.randn(out.shape, generator=generator)).sum() for out in outputs)
+
+
+def frame_and_parameter_grads(module, frames, call) -> dict[str, torch.Tensor]:
+    """Gradients of loss_of(call(*frames)) for frames and the module's parameters."""
+    module.zero_grad()
+    frames = [x.detach().requires_grad_() for x in frames]
+    loss_of(call(*frames)).backward()
+    grads = {f"frame{i}": x.grad for i, x in enumerate(frames)}
+    grads.update((k, p.grad.clone()) for k, p in module.named_parameters() if p.grad is not None)
+    return grads
+
+
+def gradients(coreset, caface, rank: int) -> dict[str, object]:
+    sizes = GRAD_SHARDS
+    coreset_shards = [shard(x, sizes, rank) for x in coreset_frames(sum(sizes))]
+    caface_shards = [shard(x, sizes, rank) for x in caface_frames(sum(sizes))]
+    return {
+        "grad_coreset": frame_and_parameter_grads(
+            coreset, coreset_shards, lambda *x: fuse(coreset, *x)
+        ),
+        "grad_caface": frame_and_parameter_grads(
+            caface,
+            caface_shards,
+            lambda *x: fuse(caface, *x, normalization="paper", chunk_size=CHUNK_SIZE),
+        ),
+    }
+
+
 def work(rank: int, port: int, out: str) -> None:
     import datetime
 
@@ -112,6 +146,7 @@ def work(rank: int, port: int, out: str) -> None:
                 normalization=normalization,
                 chunk_size=CHUNK_SIZE,
             )
+    results.update(gradients(coreset, caface, rank))
     embeddings, norms = coreset_frames(6)
     results["all_empty"] = error_of(lambda: fuse(coreset, embeddings[:, :0], norms[:, :0]))
     if rank == 1:
@@ -192,6 +227,46 @@ def test_caface_matches_one_process_stream(ranks, name, normalization, poisoned_
     expected = stream.result()
     for got in ranks:
         assert_rel_close(got[f"caface_{name}_{normalization}"], expected, 1e-6)
+
+
+def test_coreset_gradients_match_one_process(ranks):
+    model = coreset_model()
+    expected = frame_and_parameter_grads(model, coreset_frames(sum(GRAD_SHARDS)), model)
+    check_gradients(ranks, ranks_grads=[got["grad_coreset"] for got in ranks], expected=expected)
+
+
+def test_caface_gradients_match_one_process_stream(ranks):
+    model = caface_model()
+
+    def streamed(features, stats):
+        stream = model.stream(2, "paper", CHUNK_SIZE)
+        for rank, size in enumerate(GRAD_SHARDS):
+            if size:
+                stream.update(shard(features, GRAD_SHARDS, rank), shard(stats, GRAD_SHARDS, rank))
+        return stream.result()
+
+    expected = frame_and_parameter_grads(model, caface_frames(sum(GRAD_SHARDS)), streamed)
+    check_gradients(ranks, ranks_grads=[got["grad_caface"] for got in ranks], expected=expected)
+
+
+def check_gradients(ranks, ranks_grads, expected) -> None:
+    """Each rank holds the gradient of its own frames and the whole parameter gradient."""
+    for rank, grads in enumerate(ranks_grads):
+        for key in ("frame0", "frame1"):
+            if GRAD_SHARDS[rank]:
+                assert_rel_close(grads[key], shard(expected[key], GRAD_SHARDS, rank), 1e-5)
+            else:
+                assert grads[key] is None or grads[key].numel() == 0
+        parameters = sorted(k for k in expected if not k.startswith("frame"))
+        assert parameters
+        assert sorted(set(grads) - {"frame0", "frame1"}) == parameters
+        # As one vector: a gradient that is zero up to rounding (a bias that the softmax
+        # cancels) is compared against the scale of the others.
+        assert_rel_close(
+            torch.cat([grads[k].flatten() for k in parameters]),
+            torch.cat([expected[k].flatten() for k in parameters]),
+            1e-5,
+        )
 
 
 def test_bad_input_on_one_rank_fails_every_rank(ranks):

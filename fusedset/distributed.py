@@ -356,14 +356,15 @@ def distributed_core(
     argmax takes the first maximum). Zero-norm rows score the lowest finite value, so they come
     only once nothing else is left, in index order. The owner contributes the picked row (and
     its norm) to an all-reduce the other ranks feed zeros: the sum is the row, bit for bit."""
-    rows = embeddings * norms[..., None]
-    x = rows.detach()
-    batch, n, width = x.shape
-    q = torch.linalg.vector_norm(x, dim=-1)
+    # The rows embeddings * norms are formed only for the picks: at N = 1e6 and C = 512 the
+    # product would be another 2 GB.
+    directions, scales = embeddings.detach(), norms.detach()
+    batch, n, width = directions.shape
+    q = scales.abs() * torch.linalg.vector_norm(directions, dim=-1)
     nonzero = q > 0
     inv_q = torch.where(nonzero, 1 / torch.where(nonzero, q, 1), 0)
     half_qg = torch.where(nonzero, torch.where(nonzero, q, 1) ** gamma.detach(), 0) / 2
-    lowest = torch.finfo(x.dtype).min
+    lowest = torch.finfo(q.dtype).min
     available = torch.ones_like(nonzero)
     probes = torch.arange(batch)
     d = q
@@ -383,10 +384,10 @@ def distributed_core(
         picked = table[owner, probes, 1].long()
         mine = probes[owner == rank]
         local = picked[mine] - start
-        row = x.new_zeros(batch, width + 1)
+        row = q.new_zeros(batch, width + 1)
         if len(mine):
             # The picked rows carry their gradient back to this rank's frames.
-            row[mine, :width] = rows[mine, local]
+            row[mine, :width] = embeddings[mine, local] * norms[mine, local, None]
             row[mine, width] = q[mine, local]
             available[mine, local] = False
         row = _SumAcrossRanks.apply(row, group)
@@ -396,7 +397,8 @@ def distributed_core(
             continue
         picked_row, picked_norm = row[:, :width].detach(), row[:, width].detach()
         inv_r = torch.where(picked_norm > 0, 1 / torch.where(picked_norm > 0, picked_norm, 1), 0)
-        cos = (x @ (picked_row * inv_r[:, None])[..., None]).squeeze(-1) * inv_q
+        dots = (directions @ (picked_row * inv_r[:, None])[..., None]).squeeze(-1)
+        cos = dots * scales * inv_q
         dist_new = half_qg * (1 - cos).clamp_min(0)
         d = dist_new if step == 0 else torch.where(dist_new < d, dist_new, d)
     return torch.stack(picks, dim=1), torch.stack(core, dim=1)

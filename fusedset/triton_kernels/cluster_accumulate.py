@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedset._dtypes import accumulation_dtype
 from fusedset.triton_kernels.registry import (
     CompileVariant,
     Launch,
@@ -698,7 +699,7 @@ def forward(
     b, n, d = keys.shape
     m, c = queries.shape[1], values.shape[2]
     kd = d if keys_as_values else 0
-    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(keys.dtype)
     num = torch.empty((b, m, c), dtype=acc, device=keys.device)
     den = torch.empty((b, m), dtype=acc, device=keys.device)
     key_num = torch.empty((b, m, kd), dtype=acc, device=keys.device)
@@ -735,7 +736,7 @@ def backward(
     m, c = queries.shape[1], values.shape[2]
     kd = d if keys_as_values else 0
     shared = queries.shape[0] == 1
-    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(keys.dtype)
     grad_keys = torch.empty_like(keys)
     grad_values = torch.empty_like(values)
     grad_queries = torch.empty_like(queries)

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedset._dtypes import accumulation_dtype
 from fusedset.triton_kernels.registry import (
     REGISTRY,
     CompileVariant,
@@ -546,7 +547,7 @@ def select(
     batch, n, channels = x.shape
     steps = min(k, n)
     device = x.device
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(x.dtype)
     x = x.contiguous()
     gamma = gamma.to(device=device, dtype=torch.float64).reshape(1)
     if lengths is not None:

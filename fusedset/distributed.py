@@ -105,19 +105,21 @@ def fuse(
       each rank's shard, ranks in order. Both normalizations are sums over chunks of terms of
       that chunk alone (the released "official" mode clips each chunk's weight by its own
       assignment mass), so the result depends on how each shard is cut into chunks, not on
-      which rank holds a chunk nor in which order the chunks are added. It is not a single
-      ``module(...)`` call over all frames unless every shard is one chunk and there is one.
+      which rank holds a chunk nor in which order the chunks are added. (A single
+      ``module(...)`` call clusters all its frames as one chunk.)
     - ``FaceCoresetNet``: ``(embeddings (B, n, C), norms (B, n, 1))`` as ``module.forward``
       takes them (no ``lengths``); returns ``module(...)`` of the shards concatenated in rank
       order: the same core indices, the descriptor equal to float rounding. The selection runs
       as small torch ops on each shard (a mat-vec per step), not the quality_fps kernels; the
-      pooling runs the sinusoid_attention_pool kernels on each shard.
+      pooling runs the sinusoid_attention_pool kernels on each shard. ``normalization`` and
+      ``chunk_size`` do not apply.
 
     Numbers each rank contributes per call, whatever n is (besides a header of 5 int64):
     FaceCoresetNet ``B k (2 + C + 1) + B R (C + 1)``, the per-step (distance, index) pairs in
     float64, picked rows and the (pooled, logsumexp) partials in float32, with k = min(K, N)
     and R = K x heads folded queries, and ``2 B R C`` float32 in a backward; CAFace
-    ``B M (2 C + 2 D + 1) + 1`` float64 sums (M centers, D token width), none in a backward.
+    ``B M (2 C + 2 D + 1) + 1`` float64 sums (M centers, D token width), and in a backward the
+    gradients of the module's parameters (as many as it has).
     """
     if not isinstance(module, CAFace | FaceCoresetNet):
         raise TypeError(
@@ -222,8 +224,8 @@ def _fuse_caface(
     chunk_size: int | None,
 ) -> torch.Tensor:
     error, shape, dtype, stream, sums = None, (0, 0, 0), None, None, {}
-    names = [name for name, _ in module.named_parameters()]
-    shared = _SharedAcrossRanks.apply(group, *(p for _, p in module.named_parameters()))
+    parameters = dict(module.named_parameters())
+    shared = _SharedAcrossRanks.apply(group, *parameters.values())
     try:
         tail = (module.config.style_channels, 2)
         shape = _check_shard(inputs, ("features", "style_stats"), None, tail)
@@ -231,7 +233,7 @@ def _fuse_caface(
         if shape[1]:
             sums = torch.func.functional_call(
                 _ShardStream(module),
-                {f"model.{name}": p for name, p in zip(names, shared, strict=True)},
+                {f"model.{name}": p for name, p in zip(parameters, shared, strict=True)},
                 (stream, *inputs),
             )
             dtype = _DTYPES_BY_NAME[sums["dtype"]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ CORESET_SHARDS = {"uneven_empty": (5, 0, 8), "one_each": (1, 9, 3), "k_above_n":
 CAFACE_SHARDS = {"uneven_empty": (4, 0, 7), "single_frames": (1, 1, 1)}
 CHUNK_SIZE = 3
 GRAD_SHARDS = (5, 0, 8)
+# The process group's timeout: the bound on how long a rank waits for one that left.
+TIMEOUT_SECONDS = 20
 
 
 def coreset_model() -> FaceCoresetNet:
@@ -124,7 +127,7 @@ def work(rank: int, port: int, out: str) -> None:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=WORLD,
-        timeout=datetime.timedelta(seconds=20),
+        timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS),
     )
     results: dict[str, object] = {}
     coreset = coreset_model()
@@ -155,8 +158,11 @@ def work(rank: int, port: int, out: str) -> None:
     torch.save(results, f"{out}/rank{rank}.pt")
     # Rank 1 leaves without calling in: the others must fail, not wait forever.
     if rank != 1:
+        began = time.monotonic()
         error = error_of(lambda: fuse(caface, *caface_frames(4)))
-        torch.save({"left": error}, f"{out}/left{rank}.pt")
+        torch.save(
+            {"left": error, "left_seconds": time.monotonic() - began}, f"{out}/left{rank}.pt"
+        )
 
 
 def main() -> None:
@@ -281,6 +287,7 @@ def test_bad_input_on_one_rank_fails_every_rank(ranks):
 def test_rank_that_leaves_fails_the_others(ranks):
     for rank in (0, 2):
         assert ranks[rank]["left"] != "no error"
+        assert ranks[rank]["left_seconds"] < TIMEOUT_SECONDS + 5
 
 
 def test_refuses_training_mode_and_other_modules():

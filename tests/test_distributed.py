@@ -33,6 +33,7 @@ CORESET_SHARDS = {"uneven_empty": (5, 0, 8), "one_each": (1, 9, 3), "k_above_n":
 CAFACE_SHARDS = {"uneven_empty": (4, 0, 7), "single_frames": (1, 1, 1)}
 CHUNK_SIZE = 3
 GRAD_SHARDS = (5, 0, 8)
+PAIR_SHARDS = (4, 6)
 # The process group's timeout: the bound on how long a rank waits for one that left.
 TIMEOUT_SECONDS = 20
 
@@ -139,6 +140,15 @@ def work(rank: int, port: int, out: str) -> None:
             embeddings, norms.squeeze(-1), 3, coreset.gamma, sum(sizes[:rank]), sum(sizes),
             None, rank, WORLD,
         )[0]  # fmt: skip
+    frames = [x.bfloat16() for x in coreset_frames(sum(GRAD_SHARDS))]
+    results["coreset_bf16"] = fuse(coreset, *(shard(x, GRAD_SHARDS, rank) for x in frames))
+    # A group of ranks 0 and 2 (group ranks 0 and 1) fuses its own probe; rank 1 sits it out.
+    pair = dist.new_group([0, 2])
+    if rank != 1:
+        frames = coreset_frames(sum(PAIR_SHARDS))
+        results["coreset_pair"] = fuse(
+            coreset, *(shard(x, PAIR_SHARDS, rank // 2) for x in frames), group=pair
+        )
     caface = caface_model()
     for name, sizes in CAFACE_SHARDS.items():
         frames = caface_frames(sum(sizes))
@@ -206,6 +216,20 @@ def test_coreset_matches_one_process(ranks, name, poisoned_outputs):
     # Every rank merged the same partials in the same order: the same bits.
     for got in ranks[1:]:
         assert torch.equal(got[f"coreset_{name}"][0], ranks[0][f"coreset_{name}"][0])
+
+
+def test_coreset_bfloat16_and_a_group_of_two_ranks(ranks, poisoned_outputs):
+    model = coreset_model()
+    frames = [x.bfloat16() for x in coreset_frames(sum(GRAD_SHARDS))]
+    expected = model(*frames)
+    for got in ranks:
+        for actual, wanted in zip(got["coreset_bf16"], expected, strict=True):
+            assert_rel_close(actual, wanted, 1e-6)
+    expected = model(*coreset_frames(sum(PAIR_SHARDS)))
+    assert "coreset_pair" not in ranks[1]
+    for got in (ranks[0], ranks[2]):
+        for actual, wanted in zip(got["coreset_pair"], expected, strict=True):
+            assert_rel_close(actual, wanted, 1e-6)
 
 
 @pytest.mark.parametrize("name", list(CORESET_SHARDS))

@@ -16,6 +16,7 @@ def smoke_results(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_benchmark_module_reports(smoke_results):
     _, payload = smoke_results
     assert {r["op"] for r in payload["results"]} == set(suite.benchmark_modules())
@@ -24,6 +25,7 @@ def test_every_benchmark_module_reports(smoke_results):
         assert key in payload["machine"]
 
 
+@pytest.mark.slow
 def test_times_are_positive_and_speedups_follow_from_them(smoke_results):
     _, payload = smoke_results
     rows = payload["results"]
@@ -40,6 +42,7 @@ def test_times_are_positive_and_speedups_follow_from_them(smoke_results):
     assert checked > 0
 
 
+@pytest.mark.slow
 def test_report_and_plots_are_written(smoke_results):
     out, payload = smoke_results
     report = (out / "report.md").read_text()

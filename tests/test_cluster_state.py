@@ -193,6 +193,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_state_all_reduce_across_two_gloo_processes(tmp_path):
     import socket
     import subprocess

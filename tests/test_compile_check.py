@@ -34,6 +34,7 @@ def test_clean_kernel_passes_for_every_config_and_arch():
     assert all(line.split()[-1] == "ok" for line in rows)
 
 
+@pytest.mark.slow
 def test_spilling_kernel_fails():
     result = compile_check("--module", str(KERNELS), "--only", "spill_on_purpose", "--arch", "90")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -66,6 +67,7 @@ def test_refuses_to_run_under_the_interpreter():
     assert "unset TRITON_INTERPRET" in result.stdout
 
 
+@pytest.mark.slow
 def test_cuda_cpp_kernels_of_the_extension_are_listed():
     import fusedset
 

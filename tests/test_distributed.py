@@ -205,6 +205,7 @@ def ranks(tmp_path_factory) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("name", list(CORESET_SHARDS))
+@pytest.mark.slow
 def test_coreset_matches_one_process(ranks, name, poisoned_outputs):
     embeddings, norms = coreset_frames(sum(CORESET_SHARDS[name]))
     model = coreset_model()
@@ -218,6 +219,7 @@ def test_coreset_matches_one_process(ranks, name, poisoned_outputs):
         assert torch.equal(got[f"coreset_{name}"][0], ranks[0][f"coreset_{name}"][0])
 
 
+@pytest.mark.slow
 def test_coreset_bfloat16_and_a_group_of_two_ranks(ranks, poisoned_outputs):
     model = coreset_model()
     frames = [x.bfloat16() for x in coreset_frames(sum(GRAD_SHARDS))]
@@ -233,6 +235,7 @@ def test_coreset_bfloat16_and_a_group_of_two_ranks(ranks, poisoned_outputs):
 
 
 @pytest.mark.parametrize("name", list(CORESET_SHARDS))
+@pytest.mark.slow
 def test_distributed_selection_matches_quality_fps(ranks, name):
     embeddings, norms = coreset_frames(sum(CORESET_SHARDS[name]))
     expected = quality_fps(embeddings, 3, coreset_model().gamma, row_scale=norms.squeeze(-1))
@@ -247,6 +250,7 @@ def test_distributed_selection_matches_quality_fps(ranks, name):
 
 @pytest.mark.parametrize("name", list(CAFACE_SHARDS))
 @pytest.mark.parametrize("normalization", ["paper", "official"])
+@pytest.mark.slow
 def test_caface_matches_one_process_stream(ranks, name, normalization, poisoned_outputs):
     sizes = CAFACE_SHARDS[name]
     frames = caface_frames(sum(sizes))
@@ -259,12 +263,14 @@ def test_caface_matches_one_process_stream(ranks, name, normalization, poisoned_
         assert_rel_close(got[f"caface_{name}_{normalization}"], expected, 1e-6)
 
 
+@pytest.mark.slow
 def test_coreset_gradients_match_one_process(ranks):
     model = coreset_model()
     expected = frame_and_parameter_grads(model, coreset_frames(sum(GRAD_SHARDS)), model)
     check_gradients(ranks, ranks_grads=[got["grad_coreset"] for got in ranks], expected=expected)
 
 
+@pytest.mark.slow
 def test_caface_gradients_match_one_process_stream(ranks):
     model = caface_model()
 
@@ -299,6 +305,7 @@ def check_gradients(ranks, ranks_grads, expected) -> None:
         )
 
 
+@pytest.mark.slow
 def test_bad_input_on_one_rank_fails_every_rank(ranks):
     assert ranks[1]["bad_width"].startswith("ValueError: fusedset.distributed.fuse: embeddings")
     for rank in (0, 2):
@@ -308,6 +315,7 @@ def test_bad_input_on_one_rank_fails_every_rank(ranks):
         assert "every rank's shard is empty" in got["all_empty"]
 
 
+@pytest.mark.slow
 def test_rank_that_leaves_fails_the_others(ranks):
     for rank in (0, 2):
         assert ranks[rank]["left"] != "no error"

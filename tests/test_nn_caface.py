@@ -308,6 +308,7 @@ def test_training_step_gradients_match_the_reference_float64():
     assert_rel_close(*_training_step_gradients(model, features.double(), stats.double()), 1e-10)
 
 
+@pytest.mark.slow
 def test_training_halves_the_loss_on_noisy_sets():
     """Sets of an identity's noisy copies mixed with a burst of one distractor (a non-face the
     video keeps showing): plain averaging leans to the distractor. Good frames have large norms

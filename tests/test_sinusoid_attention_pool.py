@@ -595,3 +595,28 @@ def test_cpp_checks_its_arguments_too():
         cpp(X, Q, G, P[:, :4], divisors_for(6), 1.0, 1e-5, None, None)
     with pytest.raises(ValueError, match=r"lengths must lie in \[1, N = 5\]"):
         cpp(X, Q, G, P, divisors_for(6), 1.0, 1e-5, None, torch.tensor([5, 6]))
+
+
+@pytest.mark.parametrize("mask", [(True,) * 5, (False, True, False, True, False)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_triton_folder_backward_kernel_matches_the_cpp_kernel(mask, ragged):
+    """The CUDA kernel of sinusoid_attention_pool_backward (the eager chunked backward behind
+    the op's schema, registered from the Triton folder), run on CPU tensors, against the C++
+    kernel: same gradients, and the same empty tensors for the gradients not asked for."""
+    sinusoid_attention_pool_backward = triton_kernels.sinusoid_attention_pool_backward
+
+    x, q, g, pos, scale = problem(2, 37, 6, 5, 8)
+    lengths = torch.tensor([37, 11]) if ragged else None
+    args = (x, q, g, pos, divisors_for(8), TWO_PI, 1e-5, scale, lengths, False)
+    pooled, lse = cpp(*args)
+    generator = torch.Generator().manual_seed(3)
+    grad_pooled = torch.randn(pooled.shape, generator=generator)
+    grad_lse = torch.randn(lse.shape, generator=generator)
+    expected = torch.ops.fusedset.sinusoid_attention_pool_backward.default(
+        grad_pooled, grad_lse, pooled, lse, *args, list(mask)
+    )
+    got = sinusoid_attention_pool_backward(grad_pooled, grad_lse, pooled, lse, *args, list(mask))
+    for name, a, e in zip(GRAD_NAMES, got, expected, strict=True):
+        assert a.shape == e.shape, name
+        if e.numel():
+            assert_rel_close(a, e, 1e-4)

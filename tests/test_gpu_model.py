@@ -94,6 +94,14 @@ def test_compare_puts_a_bench_run_beside_the_model(tmp_path):
                 "pass_": "forward",
                 "median_s": 70e-6,
             },
+            {  # no model of quality_fps_select's backward: no row
+                "op": "quality_fps",
+                "impl": "fusedset select",
+                "case": "N=1e+05",
+                "size": 100000,
+                "pass_": "forward+backward",
+                "median_s": 1e-3,
+            },
             {
                 "op": "cluster_accumulate",
                 "impl": "eager",

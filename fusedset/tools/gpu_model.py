@@ -935,11 +935,12 @@ def compare(model_json: str, bench_json: str) -> list[dict]:
     out = []
     for m in bench:
         targets = _BENCH.get((m["op"], m["impl"]))
-        if targets is None:
+        # A forward+backward time has a model only where the backward is a modeled kernel.
+        if targets is None or (m["pass_"] != "forward" and m["op"] not in _BACKWARD):
             continue
         modeled = floor = 0.0
         for op, form in targets:
-            ops = [op] + ([_BACKWARD[op]] if m["pass_"] != "forward" and op in _BACKWARD else [])
+            ops = [op] + ([_BACKWARD[op]] if m["pass_"] != "forward" else [])
             for name in ops:
                 rows = [r for r in model if r["op"] == name and r["form"] == form]
                 if form is None:  # style_pool: the row of the case's shape and layout

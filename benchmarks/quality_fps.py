@@ -44,11 +44,11 @@ def _gamma(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_indices(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return torch.ops.fusedset.quality_fps.default(x, _gamma(x), K, None)
+    return torch.ops.fusedset.quality_fps.default(x, K, _gamma(x), None)
 
 
 def fused_select(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return torch.ops.fusedset.quality_fps_select.default(x, _gamma(x), noise, 1.0, 1.0, K, None)[0]
+    return torch.ops.fusedset.quality_fps_select.default(x, K, _gamma(x), 1.0, 1.0, noise, None)[0]
 
 
 def k_reads(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -337,7 +337,7 @@ def test_quality_fps_select(sizes, k, gamma, tau, scale, dtype, layout, zero_row
     x.requires_grad_()
     rows = quality_fps_select(x, k, gamma_t, tau, scale, noise, lengths=lengths)
     _, picks, _, _ = torch.ops.fusedset.quality_fps_select.default(
-        x.detach(), gamma_t.detach(), noise, scale, tau, k, lengths
+        x.detach(), k, gamma_t.detach(), tau, scale, noise, lengths
     )
     gamma = gamma_t.item()
     assert_valid_selection(x.detach(), k, gamma, picks, lengths, noise=noise, scale=scale)

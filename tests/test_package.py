@@ -85,3 +85,25 @@ def test_every_cuda_kernel_of_the_gpu_folder_takes_its_schemas_arguments():
         schema = getattr(torch.ops.fusedset, op).default._schema
         fn = getattr(importlib.import_module(module), name)
         assert list(inspect.signature(fn).parameters) == [a.name for a in schema.arguments], op
+
+
+def test_every_public_op_takes_its_positional_arguments_in_its_schemas_order():
+    """A caller of fusedset.ops.<op> and of torch.ops.fusedset.<op> passes the same arguments in
+    the same order (keyword-only and Python-only arguments, like a noise generator, aside).
+    cluster_accumulate_caface is the documented exception: CAFace's names for
+    cluster_accumulate's schema with its flags set (docs/architecture.md)."""
+    import inspect
+
+    from fusedset import ops
+
+    python_only = {"generator"}
+    for name in ("style_pool", "cluster_accumulate", "quality_fps", "quality_fps_select",
+                 "sinusoid_attention_pool"):  # fmt: skip
+        schema = [a.name for a in getattr(torch.ops.fusedset, name).default._schema.arguments]
+        positional = [
+            p.name
+            for p in inspect.signature(getattr(ops, name)).parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name not in python_only
+        ]
+        assert positional == [a for a in schema if a in positional], name
+        assert set(positional) <= set(schema), name

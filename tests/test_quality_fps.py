@@ -26,12 +26,12 @@ SHAPES = [(2, 1, 8, 3), (3, 2, 16, 3), (2, 5, 7, 5), (4, 40, 512, 3), (1, 2100, 
 
 def kernel(x, k, gamma, lengths=None, row_scale=None):
     """The compiled kernel itself: never the reference, whatever the dispatch would pick."""
-    return torch.ops.fusedset.quality_fps.default(x, _gamma(gamma, x), k, lengths, row_scale)
+    return torch.ops.fusedset.quality_fps.default(x, k, _gamma(gamma, x), lengths, row_scale)
 
 
 def select_kernel(x, k, gamma, noise, tau=1.0, scale=1.0, lengths=None):
     return torch.ops.fusedset.quality_fps_select.default(
-        x, _gamma(gamma, x), noise, scale, tau, k, lengths
+        x, k, _gamma(gamma, x), tau, scale, noise, lengths
     )
 
 
@@ -472,17 +472,17 @@ def test_backward_sweeps_match_torch(shape, dtype, device):
 def test_opcheck(device):
     x = features((2, 10, 6), device=device).requires_grad_()
     gamma = torch.tensor(0.5, device=device, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, None))
+    torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), 3, gamma, None))
     lengths = torch.tensor([10, 4], device=device)
-    torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, lengths))
+    torch.library.opcheck(torch.ops.fusedset.quality_fps.default, (x.detach(), 3, gamma, lengths))
     scale = torch.rand(2, 10, device=device) + 0.5
     torch.library.opcheck(
-        torch.ops.fusedset.quality_fps.default, (x.detach(), gamma, 3, lengths, scale)
+        torch.ops.fusedset.quality_fps.default, (x.detach(), 3, gamma, lengths, scale)
     )
     gamma_g = torch.tensor(0.5, device=device, requires_grad=True)
     torch.library.opcheck(
         torch.ops.fusedset.quality_fps_select.default,
-        (x, gamma_g, noise_for(x, 3), 1.0, 1.0, 3, lengths),
+        (x, 3, gamma_g, 1.0, 1.0, noise_for(x, 3), lengths),
     )
 
 

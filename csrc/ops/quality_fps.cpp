@@ -135,11 +135,11 @@ std::tuple<at::Tensor, at::Tensor> quality_fps_backward_spread(const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(fusedset, m) {
   m.def(
-      "quality_fps(Tensor x, Tensor gamma, int k, Tensor? lengths=None, "
+      "quality_fps(Tensor x, int k, Tensor gamma, Tensor? lengths=None, "
       "Tensor? row_scale=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "quality_fps_select(Tensor x, Tensor gamma, Tensor noise, float scale, float tau, int k, "
+      "quality_fps_select(Tensor x, int k, Tensor gamma, float tau, float scale, Tensor noise, "
       "Tensor? lengths=None) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def("quality_fps_backward_dots(Tensor x, Tensor m) -> (Tensor, Tensor)",

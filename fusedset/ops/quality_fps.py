@@ -91,7 +91,7 @@ def quality_fps(
         check_device("quality_fps", "row_scale", row_scale, "x", x)
     if _dispatch.use_reference("quality_fps", x.device):
         return reference.quality_fps(x, k, gamma_t, lengths, row_scale)
-    return torch.ops.fusedset.quality_fps.default(x, gamma_t, k, lengths, row_scale)
+    return torch.ops.fusedset.quality_fps.default(x, k, gamma_t, lengths, row_scale)
 
 
 def gumbel_noise(
@@ -152,7 +152,7 @@ def quality_fps_select(
     if _dispatch.use_reference("quality_fps_select", x.device):
         return reference.quality_fps_select(x, k, gamma_t, tau, scale, noise, lengths)
     rows, _, _, _ = torch.ops.fusedset.quality_fps_select.default(
-        x, gamma_t, noise, scale, tau, k, lengths
+        x, k, gamma_t, tau, scale, noise, lengths
     )
     return rows
 
@@ -270,11 +270,11 @@ def select_backward(
 if _dispatch.extension_loaded():
 
     @torch.library.register_fake("fusedset::quality_fps")
-    def _quality_fps_fake(x, gamma, k, lengths=None, row_scale=None):
+    def _quality_fps_fake(x, k, gamma, lengths=None, row_scale=None):
         return x.new_empty((x.shape[0], min(k, x.shape[1])), dtype=torch.long)
 
     @torch.library.register_fake("fusedset::quality_fps_select")
-    def _quality_fps_select_fake(x, gamma, noise, scale, tau, k, lengths=None):
+    def _quality_fps_select_fake(x, k, gamma, tau, scale, noise, lengths=None):
         batch, n, channels = x.shape
         steps = min(k, n)
         acc = accumulation_dtype(x.dtype)
@@ -286,7 +286,7 @@ if _dispatch.extension_loaded():
         )
 
     def _setup_context(ctx, inputs, output) -> None:
-        x, gamma, noise, scale, tau, _, _ = inputs
+        x, _, gamma, tau, scale, noise, _ = inputs
         _, indices, logits, source = output
         ctx.mark_non_differentiable(indices, logits, source)
         ctx.save_for_backward(x, gamma, noise, indices, logits, source)
@@ -298,7 +298,7 @@ if _dispatch.extension_loaded():
         dx, dgamma = select_backward(
             grad_rows, x, gamma, noise, indices, logits, source, ctx.scale, ctx.tau
         )
-        return dx, dgamma, None, None, None, None, None
+        return dx, None, dgamma, None, None, None, None
 
     torch.library.register_autograd(
         "fusedset::quality_fps_select", _backward, setup_context=_setup_context

@@ -616,12 +616,12 @@ def select(
     return indices, logits, source
 
 
-def quality_fps(x, gamma, k, lengths=None, row_scale=None):
+def quality_fps(x, k, gamma, lengths=None, row_scale=None):
     """fusedset::quality_fps on CUDA tensors."""
     return select(x, gamma, k, lengths, row_scale=row_scale)[0]
 
 
-def quality_fps_select(x, gamma, noise, scale, tau, k, lengths=None):
+def quality_fps_select(x, k, gamma, tau, scale, noise, lengths=None):
     """fusedset::quality_fps_select on CUDA tensors: the rows of the picks (tau only shapes the
     soft weights of the backward)."""
     from fusedset.ops.quality_fps import gather_rows

@@ -420,13 +420,13 @@ void kernel(QualityFpsProblem& p) {
 
 TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
   m.impl("quality_fps",
-         [](const at::Tensor& x, const at::Tensor& gamma, int64_t k,
+         [](const at::Tensor& x, int64_t k, const at::Tensor& gamma,
             const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& row_scale) {
            return quality_fps_forward(x, gamma, k, lengths, row_scale, kernel);
          });
   m.impl("quality_fps_select",
-         [](const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& noise, double scale,
-            double tau, int64_t k, const std::optional<at::Tensor>& lengths) {
+         [](const at::Tensor& x, int64_t k, const at::Tensor& gamma, double tau, double scale,
+            const at::Tensor& noise, const std::optional<at::Tensor>& lengths) {
            return quality_fps_select_forward(x, gamma, noise, scale, tau, k, lengths, kernel);
          });
   m.impl("quality_fps_backward_dots", [](const at::Tensor& x, const at::Tensor& m) {

@@ -12,8 +12,7 @@ measured: the whole module at N = 1e5 with glibc's default allocator, in a fresh
 two modules alternating (`python -m fusedset.bench.facecoresetnet default-allocator`). There
 every call of the eager module maps and zeroes its large temporaries anew, as in a user's
 process. The suite's own timing keeps freed memory (common.freed_memory_kept), which spares
-the eager module that cost (0.8 to 1.2 s instead of 1.2 to 1.9 s here): that ratio is printed
-beside the target as the stricter figure."""
+the eager module that cost: that ratio is printed beside the target as the stricter figure."""
 
 from __future__ import annotations
 

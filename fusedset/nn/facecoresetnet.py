@@ -42,8 +42,8 @@ def _small_work_threads(core: torch.Tensor) -> Iterator[None]:
     """The decoder's steps on the core alone (LayerNorms, the self-attention, the projections:
     K rows per template) on one thread when the core is small. Several of them run a two-thread
     region however small their input; on cores shared with other jobs each region waits for the
-    second thread to be scheduled: these steps took a median 0.5 ms and a 90th percentile of
-    56 ms on two threads, 0.4 and 0.6 ms on one (measured here, N-independent)."""
+    second thread to be scheduled, which made these N-independent steps' slow tail far longer
+    on two threads than on one."""
     threads = torch.get_num_threads()
     if core.device.type != "cpu" or threads == 1 or core.shape[0] * core.shape[1] > SMALL_WORK_ROWS:
         yield
@@ -170,8 +170,8 @@ class FaceCoresetNet(FaceCoresetNetReference):
         embeddings, norms = self._compute_dtype(embeddings), self._compute_dtype(norms)
         with torch.autocast(embeddings.device.type, enabled=False):
             norms = norms.squeeze(-1)
-            # The template embeddings * norms is never built in eval: at N = 1e5 the product
-            # alone (a fresh 205 MB) took 140-180 ms here, mostly page faults.
+            # The template embeddings * norms is never built in eval: a fresh (N, C) product
+            # costs more than the selection itself, mostly in page faults.
             return self._fuse_checked(
                 embeddings, norms, norms, lengths, noise, embeddings=embeddings, norms=norms
             )

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import pkgutil
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -260,6 +261,31 @@ def _speedups(row: Measurement, rows: Sequence[Measurement]) -> dict[str, float]
     return {r.impl: r.median_s / row.median_s for r in same[1:]}
 
 
+def measured_table(payloads: Sequence[dict]) -> str:
+    """The README's Measured table from one or more results.json of the same cases: each case's
+    fusedset time and every speedup as the median over the runs, with their range."""
+    runs: dict[tuple, list[dict]] = {}
+    for payload in payloads:
+        for r in payload["results"]:
+            if r["speedups"]:
+                runs.setdefault((r["op"], r["case"], r["pass_"], r["impl"]), []).append(r)
+    lines = [
+        f"| op | case | pass | fusedset ({len(payloads)} runs) | speedup, median (range) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (op, case, pass_, impl), rows in runs.items():
+        time = statistics.median(r["median_s"] for r in rows)
+        ratios = []
+        for baseline in rows[0]["speedups"]:
+            values = [r["speedups"][baseline] for r in rows if baseline in r["speedups"]]
+            spread = f" ({min(values):.2f}x to {max(values):.2f}x)" if len(values) > 1 else ""
+            ratios.append(f"{statistics.median(values):.2f}x vs {baseline}{spread}")
+        lines.append(
+            f"| {op} | {case} | {pass_} | {impl} {time * 1e3:.3g} ms | {'; '.join(ratios)} |"
+        )
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
@@ -280,9 +306,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="ops or modules to run")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="print the README's Measured table from these runs' results.json and exit",
+    )
 
 
 def main_with(args: argparse.Namespace) -> int:
+    if args.table:
+        print(measured_table([json.loads(path.read_text()) for path in args.table]))
+        return 0
     available = sorted(benchmark_modules())
     names = args.only or available
     unknown = sorted(set(names) - set(available))

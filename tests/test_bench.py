@@ -55,3 +55,39 @@ def test_report_and_plots_are_written(smoke_results):
 def test_unknown_benchmark_is_refused(capsys):
     assert main(["bench", "--smoke", "--only", "no_such_op"]) == 2
     assert "unknown benchmark ['no_such_op']" in capsys.readouterr().err
+
+
+def test_measured_table_takes_medians_and_ranges_over_runs(tmp_path, capsys):
+    def run(fast, base):
+        return {
+            "results": [
+                {
+                    "op": "cluster_accumulate",
+                    "case": "N=65536",
+                    "pass_": "forward",
+                    "impl": "fusedset",
+                    "median_s": fast,
+                    "speedups": {"eager": base / fast},
+                },
+                {
+                    "op": "cluster_accumulate",
+                    "case": "N=65536",
+                    "pass_": "forward",
+                    "impl": "eager",
+                    "median_s": base,
+                    "speedups": {},
+                },
+            ]
+        }
+
+    paths = []
+    for i, (fast, base) in enumerate([(0.007, 0.021), (0.008, 0.020), (0.0072, 0.0216)]):
+        paths.append(tmp_path / f"results{i}.json")
+        paths[-1].write_text(json.dumps(run(fast, base)))
+    assert main(["bench", "--table", *map(str, paths)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| op | case | pass | fusedset (3 runs) |")
+    assert table[2] == (
+        "| cluster_accumulate | N=65536 | forward | fusedset 7.2 ms | "
+        "3.00x vs eager (2.50x to 3.00x) |"
+    )

@@ -1,3 +1,4 @@
+import functools
 import os
 
 import torch
@@ -66,3 +67,20 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"reference fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+@functools.cache
+def _load_fixture(path: Path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture
+def caface_cases(fixtures_dir: Path) -> list[dict]:
+    """The released CAFace's cases (../shared/fixtures/README.md), loaded once per session."""
+    return _load_fixture(fixtures_dir / "caface_official.pt")
+
+
+@pytest.fixture
+def facecoresetnet_fixture(fixtures_dir: Path) -> dict:
+    """The released FaceCoresetNet's state dict and cases, loaded once per session."""
+    return _load_fixture(fixtures_dir / "facecoresetnet_official.pt")

@@ -5,9 +5,6 @@ released outputs (../shared/fixtures) and the eager reference."""
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,21 +38,6 @@ def _one_thread():
     """Small tensors: a second OpenMP thread only adds synchronization on shared cores."""
     with torch_threads(1):
         yield
-
-
-@functools.cache
-def _load(path: Path):
-    return torch.load(path, weights_only=True)
-
-
-@pytest.fixture
-def caface_cases(fixtures_dir: Path) -> list[dict]:
-    return _load(fixtures_dir / "caface_official.pt")
-
-
-@pytest.fixture
-def coreset_fixture(fixtures_dir: Path) -> dict:
-    return _load(fixtures_dir / "facecoresetnet_official.pt")
 
 
 def _compact(aggregator: StyleBasedAggregator, style_stats: torch.Tensor) -> torch.Tensor:
@@ -303,10 +285,12 @@ def test_bad_intermediates_name_the_argument(intermediate, error, pattern):
 
 
 @torch.no_grad()
-def test_three_tuple_and_only_fps_match_the_released_outputs(coreset_fixture, poisoned_outputs):
-    for case in coreset_fixture["cases"]:
+def test_three_tuple_and_only_fps_match_the_released_outputs(
+    facecoresetnet_fixture, poisoned_outputs
+):
+    for case in facecoresetnet_fixture["cases"]:
         model = TemplateAggregateModel.from_official(
-            {**coreset_fixture["state_dict"], "gamma": torch.tensor(case["gamma"])},
+            {**facecoresetnet_fixture["state_dict"], "gamma": torch.tensor(case["gamma"])},
             coreset_size=case["coreset_size"],
         )
         descriptor, norm, fps_sample = model(case["embeddings"], case["norms"])
@@ -320,8 +304,8 @@ def test_three_tuple_and_only_fps_match_the_released_outputs(coreset_fixture, po
 
 
 @torch.no_grad()
-def test_coreset_checkpoints_load_both_ways(coreset_fixture, tmp_path):
-    released = coreset_fixture["state_dict"]
+def test_coreset_checkpoints_load_both_ways(facecoresetnet_fixture, tmp_path):
+    released = facecoresetnet_fixture["state_dict"]
     checkpoint = {"state_dict": {f"aggregate_model.{k}": v for k, v in released.items()}}
     torch.save(checkpoint, tmp_path / "coreset.ckpt")
     for source in [released, checkpoint, tmp_path / "coreset.ckpt"]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +15,6 @@ from .helpers import assert_close_elementwise, assert_rel_close
 
 RTOL = 1e-4  # the drop-in bar of issue 5, fp32
 ONE_SHOT = ["aggregated", "cluster_feature", "cluster_style", "confidence_weight", "assignment"]
-
-
-@functools.cache
-def _cases(path: Path) -> list[dict]:
-    return torch.load(path, weights_only=True)
-
-
-@pytest.fixture
-def caface_cases(fixtures_dir: Path) -> list[dict]:
-    return _cases(fixtures_dir / "caface_official.pt")
 
 
 def random_model(confidence_dim: int = 512, depth: int = 2, seed: int = 0) -> CAFace:

@@ -3,9 +3,7 @@ eager reference module and the outputs of the released code (../shared/fixtures)
 
 from __future__ import annotations
 
-import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,16 +24,6 @@ def _one_thread():
     tens of times the work itself when the cores are shared with other jobs."""
     with torch_threads(1):
         yield
-
-
-@functools.cache
-def _load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-@pytest.fixture
-def released(fixtures_dir: Path) -> dict:
-    return _load(fixtures_dir / "facecoresetnet_official.pt")
 
 
 def _case_state_dict(fixture: dict, case: dict) -> dict:
@@ -183,10 +171,12 @@ def test_folded_attention_dropout_acts_in_train_mode_only():
 
 @pytest.mark.parametrize("chunk_size", [1024, 7])
 @torch.no_grad()
-def test_matches_released_outputs(released, chunk_size):
-    for index, case in enumerate(released["cases"]):
+def test_matches_released_outputs(facecoresetnet_fixture, chunk_size):
+    for index, case in enumerate(facecoresetnet_fixture["cases"]):
         model = FaceCoresetNet.from_official(
-            _case_state_dict(released, case), case["coreset_size"], chunk_size=chunk_size
+            _case_state_dict(facecoresetnet_fixture, case),
+            case["coreset_size"],
+            chunk_size=chunk_size,
         )
         result = model.aggregate(case["embeddings"], case["norms"])
         descriptor, norm = model(case["embeddings"], case["norms"])
@@ -203,8 +193,8 @@ def test_matches_released_outputs(released, chunk_size):
                 raise AssertionError(f"case {index}, {name}: {error}") from None
 
 
-def test_state_dict_round_trips(released):
-    state_dict = released["state_dict"]
+def test_state_dict_round_trips(facecoresetnet_fixture):
+    state_dict = facecoresetnet_fixture["state_dict"]
     model = FaceCoresetNet.from_official(state_dict)
     assert list(model.state_dict()) == list(state_dict)
     for key, value in model.state_dict().items():
@@ -214,9 +204,9 @@ def test_state_dict_round_trips(released):
 
 
 @torch.no_grad()
-def test_from_official_layouts_and_key_errors(released, tmp_path):
-    case = released["cases"][0]
-    state_dict = _case_state_dict(released, case)
+def test_from_official_layouts_and_key_errors(facecoresetnet_fixture, tmp_path):
+    case = facecoresetnet_fixture["cases"][0]
+    state_dict = _case_state_dict(facecoresetnet_fixture, case)
     prefixed = {f"aggregate_model.{key}": value for key, value in state_dict.items()}
     checkpoint = {"epoch": 1, "state_dict": {**prefixed, "model.body.0.weight": torch.zeros(3)}}
     path = tmp_path / "facecoresetnet.ckpt"

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,21 +29,6 @@ CAFACE_ONE_SHOT = [
     "style_embedding",
 ]
 FACECORESETNET_OUTPUTS = ["aggregated", "aggregated_norm", "core_template", "fps_only_mean"]
-
-
-@functools.cache
-def _load(path: Path):
-    return torch.load(path, weights_only=True)
-
-
-@pytest.fixture
-def caface_cases(fixtures_dir: Path) -> list[dict]:
-    return _load(fixtures_dir / "caface_official.pt")
-
-
-@pytest.fixture
-def facecoresetnet_fixture(fixtures_dir: Path) -> dict:
-    return _load(fixtures_dir / "facecoresetnet_official.pt")
 
 
 def facecoresetnet_state_dict(fixture: dict, case: dict) -> dict:

@@ -331,31 +331,24 @@ def _cluster_workloads() -> list[Workload]:
         kd = d if caface else 0
         return lambda b, n: fn(b, n, d, c, m, kd, torch.float32, caface)
 
+    passes = (
+        ("cluster_accumulate", "forward", kernels.forward_plan, 1.15, forward),
+        ("cluster_accumulate_backward", "backward", kernels.backward_plan, 1.3, backward),
+    )
     rows = []
     for caface in (False, True):
-        form = "caface" if caface else "plain"
-        rows.append(
-            Workload(
-                "cluster_accumulate",
-                "forward",
-                form,
-                floor(caface, False),
-                plan(kernels.forward_plan, caface),
-                1.15,
-                make=forward(caface),
+        for op, pass_, plan_fn, max_ratio, make in passes:
+            rows.append(
+                Workload(
+                    op,
+                    pass_,
+                    "caface" if caface else "plain",
+                    floor(caface, pass_ == "backward"),
+                    plan(plan_fn, caface),
+                    max_ratio,
+                    make=make(caface),
+                )
             )
-        )
-        rows.append(
-            Workload(
-                "cluster_accumulate_backward",
-                "backward",
-                form,
-                floor(caface, True),
-                plan(kernels.backward_plan, caface),
-                1.3,
-                make=backward(caface),
-            )
-        )
     return rows
 
 

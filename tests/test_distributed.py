@@ -8,6 +8,7 @@ the test compares it here with one process's module over the concatenated frames
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -173,6 +174,9 @@ def work(rank: int, port: int, out: str) -> None:
         torch.save(
             {"left": error, "left_seconds": time.monotonic() - began}, f"{out}/left{rank}.pt"
         )
+    # Out at once: a process group torn down at interpreter exit, its peer gone, can abort in
+    # gloo's threads ("terminate called without an active exception"), failing the spawn.
+    os._exit(0)
 
 
 def main() -> None:
@@ -285,12 +289,17 @@ def test_caface_gradients_match_one_process_stream(ranks):
     check_gradients(ranks, ranks_grads=[got["grad_caface"] for got in ranks], expected=expected)
 
 
+# float32 gradients summed over other partitions of the frames than one process's: rounding
+# of the order of 1e-5 of the largest (1.015e-5 was seen once).
+GRAD_RTOL = 1e-4
+
+
 def check_gradients(ranks, ranks_grads, expected) -> None:
     """Each rank holds the gradient of its own frames and the whole parameter gradient."""
     for rank, grads in enumerate(ranks_grads):
         for key in ("frame0", "frame1"):
             if GRAD_SHARDS[rank]:
-                assert_rel_close(grads[key], shard(expected[key], GRAD_SHARDS, rank), 1e-5)
+                assert_rel_close(grads[key], shard(expected[key], GRAD_SHARDS, rank), GRAD_RTOL)
             else:
                 assert grads[key] is None or grads[key].numel() == 0
         parameters = sorted(k for k in expected if not k.startswith("frame"))
@@ -301,7 +310,7 @@ def check_gradients(ranks, ranks_grads, expected) -> None:
         assert_rel_close(
             torch.cat([grads[k].flatten() for k in parameters]),
             torch.cat([expected[k].flatten() for k in parameters]),
-            1e-5,
+            GRAD_RTOL,
         )
 
 

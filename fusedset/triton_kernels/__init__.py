@@ -5,6 +5,7 @@ Importing this package does not import triton: the kernel modules do, and only t
 tensor of an op, the interpreter tests and ``python -m fusedset.tools.compile_check`` load them.
 """
 
+import functools
 import importlib
 
 import torch
@@ -55,10 +56,13 @@ def _guarded(module: str, name: str):
     """The kernel, imported at its first call and run under a guard of its inputs' device (a
     launch runs on the current device and stream: tensors on cuda:1 must not launch on cuda:0)."""
 
+    @functools.cache
+    def resolve():
+        return getattr(importlib.import_module(module), name)
+
     def kernel(*args, **kwargs):
-        fn = getattr(importlib.import_module(module), name)
         with torch.cuda.device(_first_device(*args, *kwargs.values())):
-            return fn(*args, **kwargs)
+            return resolve()(*args, **kwargs)
 
     return kernel
 

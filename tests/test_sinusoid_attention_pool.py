@@ -246,13 +246,13 @@ def launched(monkeypatch):
     return calls
 
 
-# The resident kernel in one pass; in several passes of a few rows, each split in chunks, the
-# merge over several blocks of splits; the tiled kernel.
+# The resident kernel over its full splits; over a few splits of several rows each, the merge over
+# several blocks of splits; the tiled kernel.
 @pytest.mark.parametrize(
     ("c", "d", "constants"),
     [
         (40, 70, {}),
-        (40, 70, {"SPLITS": 4, "CHUNK": 3, "MIN_SPLIT_ROWS": 2, "MERGE_BLOCK_S": 4}),
+        (40, 70, {"SPLITS": 4, "MIN_SPLIT_ROWS": 2, "MERGE_BLOCK_S": 4}),
         (600, 10, {}),
     ],
 )
@@ -273,21 +273,23 @@ def test_triton_launches_its_plan(monkeypatch, c, d, constants):
 
 @pytest.mark.cuda
 def test_triton_plan_at_scale():
-    """FaceCoresetNet's shapes: every SM busy from N = 16384 at B = 1, a fixed scratch (more
-    passes as N grows), one grid axis whatever B, and variants the compile check builds."""
+    """FaceCoresetNet's shapes: every SM busy from N = 16384 at B = 1, one launch and a fixed
+    number of splits whatever N, one grid axis whatever B, and variants the compile check
+    builds."""
     from fusedset.triton_kernels.registry import REGISTRY
 
     variants = {(k.name, v.label) for k in REGISTRY for v in k.variants}
     for b, n in [(1, 16384), (1, 65536), (1, 1 << 20), (32, 65536), (70000, 8)]:
         plan = triton_kernels.forward_plan(b, n, 512, 24, 256, torch.float32, True)
-        *main, merge = plan
+        main, merge = plan
         assert all((p.kernel, p.variant) in variants for p in plan)
         assert all(len(p.grid) == 1 for p in plan)
-        assert {p.kernel for p in main} == {"sinusoid_pool_resident_kernel"}
+        assert main.kernel == "sinusoid_pool_resident_kernel"
         assert merge.grid == (b * 24 * 8,)
+        splits = min(triton_kernels.SPLITS, -(-n // triton_kernels.MIN_SPLIT_ROWS))
+        assert main.grid == (b * splits,)
         if n >= 16384:
-            assert main[0].grid[0] >= 132 * b
-        assert len(main) == -(-n // (triton_kernels.SPLITS * triton_kernels.CHUNK))
+            assert main.grid[0] >= 132 * b
     wide = triton_kernels.forward_plan(2, 5000, 1024, 64, 256, torch.bfloat16, False)
     assert (wide[0].kernel, wide[0].variant) == ("sinusoid_pool_kernel", "bf16 R<=64")
     assert all((p.kernel, p.variant) in variants for p in wide)

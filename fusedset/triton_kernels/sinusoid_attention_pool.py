@@ -1,22 +1,19 @@
 """Triton kernels of sinusoid_attention_pool (the CUDA path).
 
 The resident kernel (rows and codes up to WIDTH channels) reads each row once. Program
-(template, block of queries, split) first forms the code score of each row of its split (sin and
-cos of the row's angles, LayerNorm'd, against the code queries it holds whole) into its own
-scratch rows, then walks the rows again with the queries held whole: each row's score, the online
-softmax update and the weighted row added to the pooled rows, all in registers. The scratch keeps
-the code queries and the queries from being live at once, which would not fit in the registers.
-A launch covers at most SPLITS * CHUNK rows of each template (longer templates take more
-launches, which reuse the scratch): the scratch stays under CHUNK rows a program whatever N is,
-and the partials grow by one split's R x C floats every CHUNK rows.
+(template, block of queries, split) holds its queries, code queries and pooled rows whole in
+registers and walks the rows of its split: each row's code score (sin and cos of the row's
+angles, LayerNorm'd, against the code queries), its score, the online softmax update and the
+weighted row added to the pooled rows. Each warp owns whole queries (a query's channels lie
+along the lanes), so a query's sums stay inside a warp and its running max and sum take a
+register or two per thread rather than one per query.
 
 The tiled kernel (wider rows or codes) walks its split in tiles of BLOCK_N rows, reading each
 tile twice (scores, then the weighted sum) and its partial pooled rows from memory each tile.
 
 Either way each program writes its partial pooled rows, max and sum once, and the merge kernel
 adds the splits of a template in split order: no atomics, the same inputs give the same bits.
-The (N, D) codes and (N, C) keys never touch memory; the resident kernel's code scores pass
-through its scratch.
+The (N, D) codes, (N, C) keys and (N, R) scores never touch memory.
 """
 
 from __future__ import annotations
@@ -39,9 +36,11 @@ _LABELS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # The resident kernel holds rows of up to WIDTH channels and codes of up to WIDTH channels and
 # QUERY_BLOCK queries a program, in blocks of 16 and 8 (more queries take more programs, each
-# reading the rows again): FaceCoresetNet's 24, and the most that compile without spills on
-# sm_80 and sm_90 with 8 warps (a block of 32 spilled).
+# reading the rows again): FaceCoresetNet's 24, whose queries, code queries and pooled rows
+# compile without spills on sm_80 and sm_90 with 8 warps. Its blocks are (WIDTH // LANES,
+# queries, LANES): channel k LANES + l of a query in lane l, the queries spread over the warps.
 WIDTH = 512
+LANES = 32
 QUERY_BLOCKS = (16, 8)
 QUERY_BLOCK = sum(QUERY_BLOCKS)
 RESIDENT_LAUNCH = {"num_warps": 8, "num_stages": 1}
@@ -50,10 +49,6 @@ RESIDENT_LAUNCH = {"num_warps": 8, "num_stages": 1}
 # on the batch, so the order of the partial sums (hence the bits) depends on N alone.
 SPLITS = 132
 MIN_SPLIT_ROWS = 16
-# Rows whose code scores a program's scratch holds: a launch covers SPLITS * CHUNK rows, a
-# template of 2^20 rows in one launch. Each further launch reads the queries and code queries
-# and writes the partials again.
-CHUNK = 8192
 
 # The tiled kernel. Fixed, not tuned: the partial sums are taken per tile, and the tiling must
 # not change with the configuration for the result to keep its bits. The ieee (fp32) dots run
@@ -83,26 +78,26 @@ def _resident_variants() -> list[CompileVariant]:
             "divisors_ptr": "*fp32",
             "scale_ptr": "*fp32",
             "lengths_ptr": "*i64",
-            "codes_ptr": "*fp32",
             "part_ptr": "*fp32",
             "stats_ptr": "*fp32",
             "n": "i32",
             "c": "i32",
             "r": "i32",
             "half": "i32",
-            "row_start": "i32",
-            "rows": "i32",
             "splits": "i32",
-            "first_split": "i32",
-            "all_splits": "i32",
             "query_blocks": "i32",
-            "chunk": "i32",
             "has_scale": "i32",
             "has_lengths": "i32",
             "position_scale": "fp32",
             "eps": "fp32",
         }
-        constexprs = {"BLOCK_R": QUERY_BLOCKS[0], "BLOCK_R2": QUERY_BLOCKS[1], "WIDTH": WIDTH}
+        constexprs = {
+            "BLOCK_R": QUERY_BLOCKS[0],
+            "BLOCK_R2": QUERY_BLOCKS[1],
+            "WIDTH": WIDTH,
+            "LANES": LANES,
+            "WARPS": RESIDENT_LAUNCH["num_warps"],
+        }
         variants.append(
             CompileVariant(f"{dtype} R<={QUERY_BLOCK}", signature, constexprs, RESIDENT_LAUNCH)
         )
@@ -111,39 +106,79 @@ def _resident_variants() -> list[CompileVariant]:
 
 @compile_checked_helper
 @triton.jit
-def _load_rows(ptr, first, offs, r, width, cols):
-    """Rows first + offs (those < r) of a row-major (., width) float32 matrix, zero past width."""
-    mask = (offs < r)[:, None] & (cols[None, :] < width)
-    return tl.load(ptr + (first + offs)[:, None] * width + cols[None, :], mask=mask, other=0.0)
+def _load_block(ptr, first, offs, r, stride, channels, valid):
+    """(K, block, L): rows first + offs (those < r) of a row-major float32 matrix at channels
+    (K, 1, L) where valid, zero elsewhere."""
+    mask = (offs < r)[None, :, None] & valid
+    return tl.load(ptr + (first + offs)[None, :, None] * stride + channels, mask=mask, other=0.0)
 
 
 @compile_checked_helper
 @triton.jit
-def _code_scores(code_queries, totals, code, mean, rstd):
-    """LayerNorm(code) . code_queries_r = rstd (code . g_r - mean sum_d g_r[d])."""
-    return rstd * (tl.sum(code_queries * code[None, :], axis=1) - mean * totals)
+def _load_to_every_warp(ptr, offsets, valid, WARPS: tl.constexpr):
+    """ptr[offsets] (K, 1, L) as float32 (zero where not valid), a copy in every warp as the
+    query blocks use it. Loaded as (K, 1, L) it would be spread over the warps, and the compiler
+    would lay the query blocks out to match (each warp holding some channels of every query,
+    every per-query vector in every thread). Instead the first of WARPS slots (one a warp) loads
+    it and a sum over the slots hands it to every warp. The other slots add zeros: every value
+    comes out exact, a -0.0 as 0.0."""
+    slot = tl.arange(0, WARPS)[None, :, None]
+    values = tl.load(ptr + offsets + 0 * slot, mask=valid & (slot == 0), other=0.0)
+    return tl.sum(values.to(tl.float32), axis=1, keep_dims=True)
+
+
+@compile_checked_helper
+@triton.jit
+def _sum_channels(block):
+    """(block,) sums over the channels of a (K, block, L) block: a thread's K values, then the
+    lanes of its warp."""
+    return tl.sum(tl.sum(block, axis=0), axis=1)
+
+
+@compile_checked_helper
+@triton.jit
+def _per_query(block, vector):
+    """block[:, r, :] . vector (K, 1, L) for each query r."""
+    return _sum_channels(block * vector)
+
+
+@compile_checked_helper
+@triton.jit
+def _per_query_broadcast(values):
+    """(block,) values as (1, block, 1), the axes put back in the reverse order of
+    _sum_channels's: the layout the sums left, with no conversion between them."""
+    return values[:, None][None, :, :]
+
+
+@compile_checked_helper
+@triton.jit
+def _code_scores(code_sines, code_cosines, totals, sines, cosines, mean, rstd):
+    """LayerNorm(code) . g_r = rstd (code . g_r - mean sum_d g_r[d])."""
+    code = _per_query(code_sines, sines) + _per_query(code_cosines, cosines)
+    return rstd * (code - mean * totals)
 
 
 @compile_checked_helper
 @triton.jit
 def _pool_row(queries, code_score, x, row_scale, running_max, running_sum, pooled):
     """The online softmax step of one row for a block of queries."""
-    score = tl.sum(queries * x[None, :], axis=1) * row_scale + code_score
+    score = _per_query(queries, x) * row_scale + code_score
     # Every row here is valid, so the new max is finite (or NaN from a NaN input).
     new_max = tl.maximum(running_max, score)
     rescale = tl.exp(running_max - new_max)
     weight = tl.exp(score - new_max)
     running_sum = running_sum * rescale + weight
-    pooled = pooled * rescale[:, None] + (weight * row_scale)[:, None] * x[None, :]
+    pooled = pooled * _per_query_broadcast(rescale) + _per_query_broadcast(weight * row_scale) * x
     return new_max, running_sum, pooled
 
 
 @compile_checked_helper
 @triton.jit
-def _store_partial(part_ptr, stats_ptr, first, offs, r, c, cols, pooled, running_max, running_sum):
+def _store_partial(part_ptr, stats_ptr, first, offs, r, c, channels, pooled, running_max,
+                   running_sum):  # fmt: skip
     valid = offs < r
-    part = part_ptr + (first + offs)[:, None] * c + cols[None, :]
-    tl.store(part, pooled, mask=valid[:, None] & (cols[None, :] < c))
+    part = part_ptr + (first + offs)[None, :, None] * c + channels
+    tl.store(part, pooled, mask=valid[None, :, None] & (channels < c))
     tl.store(stats_ptr + 2 * first + offs, running_max, mask=valid)
     tl.store(stats_ptr + 2 * first + r + offs, running_sum, mask=valid)
 
@@ -158,20 +193,14 @@ def sinusoid_pool_resident_kernel(
     divisors_ptr,
     scale_ptr,
     lengths_ptr,
-    codes_ptr,
     part_ptr,
     stats_ptr,
     n,
     c,
     r,
     half,
-    row_start,
-    rows,
     splits,
-    first_split,
-    all_splits,
     query_blocks,
-    chunk,
     has_scale,
     has_lengths,
     position_scale,
@@ -179,72 +208,67 @@ def sinusoid_pool_resident_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_R2: tl.constexpr,
     WIDTH: tl.constexpr,
+    LANES: tl.constexpr,
+    WARPS: tl.constexpr,
 ):
     """Queries [q0, q0 + BLOCK_R + BLOCK_R2) of a template in two blocks (a power of two each):
-    the per-query vectors of the online softmax sit in every thread, so queries past R would
-    cost registers too."""
+    queries past R would cost registers too."""
     pid = tl.program_id(0)
     split = pid % splits
     b = (pid // splits // query_blocks).to(tl.int64)
     q0 = (pid // splits % query_blocks) * (BLOCK_R + BLOCK_R2)
     offs_a = q0 + tl.arange(0, BLOCK_R)
     offs_b = q0 + BLOCK_R + tl.arange(0, BLOCK_R2)
-    cols = tl.arange(0, WIDTH)
-    pairs = tl.arange(0, WIDTH // 2)
+    lanes = tl.arange(0, LANES)[None, None, :]
+    channels = tl.arange(0, WIDTH // LANES)[:, None, None] * LANES + lanes
+    # The code's channels 2k and 2k + 1 are the sine and cosine of pair k.
+    pairs = tl.arange(0, WIDTH // 2 // LANES)[:, None, None] * LANES + lanes
     valid_h = pairs < half
-    # A scalar base: a tensor of pointers would hold two registers per query all along.
-    codes_ptr += pid.to(tl.int64) * chunk * (BLOCK_R + BLOCK_R2)
-    divisors = tl.load(divisors_ptr + pairs, mask=valid_h, other=1.0)
+    divisors = tl.where(valid_h, _load_to_every_warp(divisors_ptr, pairs, valid_h, WARPS), 1.0)
     length = tl.load(lengths_ptr + b, mask=has_lengths != 0, other=n).to(tl.int32)
-    # Split s of the pass holds its rows [s rows / splits, (s + 1) rows / splits).
-    start = row_start + (split.to(tl.int64) * rows // splits).to(tl.int32)
-    stop = row_start + ((split + 1).to(tl.int64) * rows // splits).to(tl.int32)
+    # Split s holds rows [s n / splits, (s + 1) n / splits).
+    start = (split.to(tl.int64) * n // splits).to(tl.int32)
+    stop = ((split + 1).to(tl.int64) * n // splits).to(tl.int32)
     stop = tl.minimum(stop, length)
 
-    code_queries_a = _load_rows(code_queries_ptr, b * r, offs_a, r, 2 * half, cols)
-    code_queries_b = _load_rows(code_queries_ptr, b * r, offs_b, r, 2 * half, cols)
-    totals_a = tl.sum(code_queries_a, axis=1)
-    totals_b = tl.sum(code_queries_b, axis=1)
-    for i in range(start, stop):
-        # IEEE division, as the CPU kernel and torch: the angles reach hundreds of radians,
-        # where an ulp of the angle is visible in the codes.
-        phase = tl.load(positions_ptr + b * n + i) * position_scale
-        angle = tl.math.div_rn(phase + tl.zeros_like(divisors), divisors)
-        sines = tl.where(valid_h, tl.sin(angle), 0.0)
-        cosines = tl.where(valid_h, tl.cos(angle), 0.0)
-        # The LayerNorm's variance is 1/2 - mean^2 (sin^2 + cos^2 = 1 per pair).
-        mean = tl.sum(sines + cosines, axis=0) / (2 * half)
-        rstd = 1.0 / tl.sqrt_rn(0.5 - mean * mean + eps)
-        code = tl.reshape(tl.join(sines, cosines), (WIDTH,))  # channels 2k, 2k + 1
-        scratch = codes_ptr + (i - start) * (BLOCK_R + BLOCK_R2)
-        code_a = _code_scores(code_queries_a, totals_a, code, mean, rstd)
-        code_b = _code_scores(code_queries_b, totals_b, code, mean, rstd)
-        tl.store(scratch + tl.arange(0, BLOCK_R), code_a, mask=offs_a < r)
-        tl.store(scratch + BLOCK_R + tl.arange(0, BLOCK_R2), code_b, mask=offs_b < r)
-    # The code scores are read back by other threads of the program.
-    tl.debug_barrier()
-
-    queries_a = _load_rows(queries_ptr, b * r, offs_a, r, c, cols)
-    queries_b = _load_rows(queries_ptr, b * r, offs_b, r, c, cols)
+    code_sines_a = _load_block(code_queries_ptr, b * r, offs_a, r, 2 * half, 2 * pairs, valid_h)
+    code_cosines_a = _load_block(code_queries_ptr, b * r, offs_a, r, 2 * half, 2 * pairs + 1,
+                                 valid_h)  # fmt: skip
+    code_sines_b = _load_block(code_queries_ptr, b * r, offs_b, r, 2 * half, 2 * pairs, valid_h)
+    code_cosines_b = _load_block(code_queries_ptr, b * r, offs_b, r, 2 * half, 2 * pairs + 1,
+                                 valid_h)  # fmt: skip
+    totals_a = _sum_channels(code_sines_a + code_cosines_a)
+    totals_b = _sum_channels(code_sines_b + code_cosines_b)
+    queries_a = _load_block(queries_ptr, b * r, offs_a, r, c, channels, channels < c)
+    queries_b = _load_block(queries_ptr, b * r, offs_b, r, c, channels, channels < c)
     max_a = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     max_b = tl.full((BLOCK_R2,), float("-inf"), dtype=tl.float32)
     sum_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
     sum_b = tl.zeros((BLOCK_R2,), dtype=tl.float32)
-    pooled_a = tl.zeros((BLOCK_R, WIDTH), dtype=tl.float32)
-    pooled_b = tl.zeros((BLOCK_R2, WIDTH), dtype=tl.float32)
+    pooled_a = tl.zeros((WIDTH // LANES, BLOCK_R, LANES), dtype=tl.float32)
+    pooled_b = tl.zeros((WIDTH // LANES, BLOCK_R2, LANES), dtype=tl.float32)
     for i in range(start, stop):
         row = b * n + i
-        x = tl.load(x_ptr + row * c + cols, mask=cols < c, other=0.0).to(tl.float32)
+        x = _load_to_every_warp(x_ptr + row * c, channels, channels < c, WARPS)
         row_scale = tl.load(scale_ptr + row, mask=has_scale != 0, other=1.0)
-        scratch = codes_ptr + (i - start) * (BLOCK_R + BLOCK_R2)
-        code_a = tl.load(scratch + tl.arange(0, BLOCK_R), mask=offs_a < r, other=0.0)
-        code_b = tl.load(scratch + BLOCK_R + tl.arange(0, BLOCK_R2), mask=offs_b < r, other=0.0)
+        # IEEE division, as the CPU kernel and torch: the angles reach hundreds of radians,
+        # where an ulp of the angle is visible in the codes.
+        phase = tl.load(positions_ptr + row) * position_scale
+        angle = tl.math.div_rn(phase + tl.zeros_like(divisors), divisors)
+        sines = tl.where(valid_h, tl.sin(angle), 0.0)
+        cosines = tl.where(valid_h, tl.cos(angle), 0.0)
+        # The LayerNorm's variance is 1/2 - mean^2 (sin^2 + cos^2 = 1 per pair). The mean is
+        # summed in each warp: summed over the program it would pass through shared memory.
+        mean = tl.sum(_sum_channels(sines + cosines), axis=0) / (2 * half)
+        rstd = 1.0 / tl.sqrt_rn(0.5 - mean * mean + eps)
+        code_a = _code_scores(code_sines_a, code_cosines_a, totals_a, sines, cosines, mean, rstd)
+        code_b = _code_scores(code_sines_b, code_cosines_b, totals_b, sines, cosines, mean, rstd)
         max_a, sum_a, pooled_a = _pool_row(queries_a, code_a, x, row_scale, max_a, sum_a, pooled_a)
         max_b, sum_b, pooled_b = _pool_row(queries_b, code_b, x, row_scale, max_b, sum_b, pooled_b)
 
-    first = (b * all_splits + first_split + split) * r
-    _store_partial(part_ptr, stats_ptr, first, offs_a, r, c, cols, pooled_a, max_a, sum_a)
-    _store_partial(part_ptr, stats_ptr, first, offs_b, r, c, cols, pooled_b, max_b, sum_b)
+    first = (b * splits + split) * r
+    _store_partial(part_ptr, stats_ptr, first, offs_a, r, c, channels, pooled_a, max_a, sum_a)
+    _store_partial(part_ptr, stats_ptr, first, offs_b, r, c, channels, pooled_b, max_b, sum_b)
 
 
 @compile_checked(
@@ -477,15 +501,10 @@ class _Geometry:
     partial sums are added, hence the bits of the result, is too)."""
 
     resident: bool
-    passes: tuple[tuple[int, int, int], ...]  # (first row, rows, splits) of each launch
+    splits: int  # of a template's rows
     split_size: int  # tiled kernel: rows of a split
     block_r: int
     query_blocks: int  # programs of a split
-    chunk: int  # resident kernel: rows of a program's scratch (its longest split)
-
-    @property
-    def splits(self) -> int:
-        return sum(splits for _, _, splits in self.passes)
 
 
 def _geometry(n: int, c: int, r: int, half: int) -> _Geometry:
@@ -494,17 +513,13 @@ def _geometry(n: int, c: int, r: int, half: int) -> _Geometry:
                          f"got R = {r}")  # fmt: skip
     n = max(n, 1)
     if c <= WIDTH and 2 * half <= WIDTH:
-        passes = []
-        for start in range(0, n, SPLITS * CHUNK):
-            rows = min(SPLITS * CHUNK, n - start)
-            passes.append((start, rows, max(1, min(SPLITS, triton.cdiv(rows, MIN_SPLIT_ROWS)))))
-        chunk = max(triton.cdiv(rows, splits) for _, rows, splits in passes)
-        return _Geometry(True, tuple(passes), 0, QUERY_BLOCK, triton.cdiv(r, QUERY_BLOCK), chunk)
+        splits = max(1, min(SPLITS, triton.cdiv(n, MIN_SPLIT_ROWS)))
+        return _Geometry(True, splits, 0, QUERY_BLOCK, triton.cdiv(r, QUERY_BLOCK))
     splits = max(1, min(TILED_MAX_SPLITS, triton.cdiv(n, TILED_MIN_SPLIT)))
     size = triton.cdiv(triton.cdiv(n, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(n, size)
     block_r = max(16, triton.next_power_of_2(r))
-    return _Geometry(False, ((0, n, splits),), size, block_r, 1, 0)
+    return _Geometry(False, splits, size, block_r, 1)
 
 
 def _label(dtype: torch.dtype) -> str:
@@ -519,13 +534,13 @@ def _label(dtype: torch.dtype) -> str:
 def _plan(geometry: _Geometry, b: int, c: int, r: int, label: str, has_scale: bool):
     if geometry.resident:
         variant = f"{label} R<={geometry.block_r}"
-        programs = [b * geometry.query_blocks * splits for _, _, splits in geometry.passes]
-        main = [Launch("sinusoid_pool_resident_kernel", variant, (p,)) for p in programs]
+        grid = (b * geometry.query_blocks * geometry.splits,)
+        main = Launch("sinusoid_pool_resident_kernel", variant, grid)
     else:
         variant = f"{label} R<={geometry.block_r}{' scaled' if has_scale else ''}"
-        main = [Launch("sinusoid_pool_kernel", variant, (b * geometry.splits,))]
+        main = Launch("sinusoid_pool_kernel", variant, (b * geometry.splits,))
     return [
-        *main,
+        main,
         Launch("sinusoid_merge_kernel", "merge", (b * r * triton.cdiv(c, MERGE_BLOCK_C),)),
     ]
 
@@ -562,7 +577,7 @@ def forward(
     logsumexp = torch.empty(batch, r, **f32)
     if batch == 0:
         return pooled, logsumexp
-    *main, merge = _plan(geometry, batch, c, r, label, row_scale is not None)
+    main, merge = _plan(geometry, batch, c, r, label, row_scale is not None)
     part_shape = (batch, geometry.splits, r, c)
     stats = torch.empty(batch, geometry.splits, 2, r, **f32)
     x = x.contiguous()
@@ -578,26 +593,19 @@ def forward(
     if geometry.resident:
         part = torch.empty(part_shape, **f32)
         code_queries = position_queries.to(**f32).contiguous()
-        # Launches run in order on the stream: each pass reuses the scratch.
-        programs = max(launch.grid[0] for launch in main)
-        codes = torch.empty(programs, geometry.chunk, geometry.block_r, **f32)
-        first_split = 0
-        for launch, (row_start, rows, splits) in zip(main, geometry.passes, strict=True):
-            sinusoid_pool_resident_kernel[launch.grid](
-                x, queries, code_queries, positions, divisors, scale, lengths, codes, part,
-                stats, n, c, r, half, row_start, rows, splits, first_split, geometry.splits,
-                geometry.query_blocks, geometry.chunk, int(row_scale is not None), has_lengths,
-                position_scale, eps, BLOCK_R=QUERY_BLOCKS[0], BLOCK_R2=QUERY_BLOCKS[1], WIDTH=WIDTH,
-                **RESIDENT_LAUNCH,
-            )  # fmt: skip
-            first_split += splits
+        sinusoid_pool_resident_kernel[main.grid](
+            x, queries, code_queries, positions, divisors, scale, lengths, part, stats, n, c, r,
+            half, geometry.splits, geometry.query_blocks, int(row_scale is not None),
+            has_lengths, position_scale, eps, BLOCK_R=QUERY_BLOCKS[0], BLOCK_R2=QUERY_BLOCKS[1],
+            WIDTH=WIDTH, LANES=LANES, WARPS=RESIDENT_LAUNCH["num_warps"], **RESIDENT_LAUNCH,
+        )  # fmt: skip
     else:
         part = torch.zeros(part_shape, **f32)
         code_queries = position_queries.to(**f32)
         totals = code_queries.sum(-1).contiguous()
         # Channels [sines | cosines], as the tiled kernel reads them.
         code_queries = torch.cat([code_queries[..., 0::2], code_queries[..., 1::2]], -1)
-        sinusoid_pool_kernel[main[0].grid](
+        sinusoid_pool_kernel[main.grid](
             x, queries, code_queries.contiguous(), totals, positions, divisors, scale, lengths,
             part, stats, n, c, r, half, geometry.split_size, geometry.splits, has_lengths,
             position_scale, eps, HAS_SCALE=row_scale is not None, BLOCK_R=geometry.block_r,

@@ -23,7 +23,7 @@ import errno
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -172,27 +172,97 @@ def templates_of(images: ImageArrays) -> Iterator[tuple[int, np.ndarray]]:
     yield from zip(ids.tolist(), groups, strict=True)
 
 
-def _template(images: ImageArrays, template: int, rows: np.ndarray) -> Template:
-    """The images ``rows`` of ``template`` (all of it or one part), read and checked."""
+def _template(
+    images: ImageArrays, template: int, rows: np.ndarray, device: torch.device
+) -> Template:
+    """The images ``rows`` of ``template`` (all of it or one part), read, checked and on
+    ``device``."""
     features = torch.from_numpy(np.asarray(images.features[rows], dtype=np.float32))
     if not all_finite(features):
         raise FuseInputError(f"{images.source}: template {template} has NaN or Inf features")
     style = None
     if images.style is not None:
-        style = torch.from_numpy(np.asarray(images.style[rows], dtype=np.float32))
-    return Template(features, torch.from_numpy(images.media[rows]), style)
+        style = torch.from_numpy(np.asarray(images.style[rows], dtype=np.float32)).to(device)
+    media = torch.from_numpy(images.media[rows]).to(device)
+    return Template(features.to(device), media, style)
 
 
 def _fuse_one(
-    images: ImageArrays, fuser: Fuser, template: int, rows: np.ndarray, chunk_size: int | None
+    images: ImageArrays,
+    fuser: Fuser,
+    template: int,
+    rows: np.ndarray,
+    chunk_size: int | None,
+    device: str | torch.device,
 ) -> torch.Tensor:
+    device = torch.device(device)
     if not isinstance(fuser, StreamingFuser):
-        return fuser(_template(images, template, rows))
+        return fuser(_template(images, template, rows, device))
     # Parts of whole chunks fuse as the whole template would, reading one part at a time.
     stream = fuser.stream(chunk_size)
     for start in range(0, len(rows), stream.chunk_size):
-        stream.update(_template(images, template, rows[start : start + stream.chunk_size]))
+        part = rows[start : start + stream.chunk_size]
+        stream.update(_template(images, template, part, device))
     return stream.result()
+
+
+def build_fuser(
+    images: ImageArrays,
+    method: str,
+    checkpoint: str | None = None,
+    chunk_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Fuser:
+    """The fuser of ``method`` on ``device``, refused before any work when it cannot fuse
+    ``images`` or does not take ``chunk_size``."""
+    spec = get_method(method)
+    if spec.needs_style and images.style is None:
+        raise FuseInputError(f"{images.source}: method {method!r} needs style statistics")
+    try:
+        fuser = spec.build(checkpoint, torch.device(device))
+    except ValueError as exc:  # a checkpoint that is missing or not this method's
+        raise FuseInputError(str(exc)) from exc
+    if chunk_size is not None and not isinstance(fuser, StreamingFuser):
+        raise ValueError(f"method {method!r} does not stream in chunks: it takes no chunk size")
+    return fuser
+
+
+def fuse_groups(
+    images: ImageArrays,
+    fuser: Fuser,
+    groups: Sequence[tuple[int, np.ndarray]],
+    chunk_size: int | None = None,
+    device: str | torch.device = "cpu",
+    fused: Callable[[], None] = lambda: None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> the ids (T,) int64 and L2-normalized descriptors (T, D) float32 of ``groups``
+    ((template id, its rows) pairs, as ``templates_of`` yields them), in their order;
+    ``fused()`` is called after each template.
+
+    ``chunk_size``: frames per part for methods that stream (``StreamingFuser``, e.g. caface;
+    their own default when None).
+    """
+    ids = np.empty(len(groups), dtype=np.int64)
+    descriptors = np.empty((len(groups), images.features.shape[1]), dtype=np.float32)
+    for i, (template, rows) in enumerate(groups):
+        try:
+            with torch.no_grad():
+                descriptor = _fuse_one(images, fuser, template, rows, chunk_size, device)
+        except FuseInputError:
+            raise
+        except ValueError as exc:  # the module refused the template (width, style shape, ...)
+            raise FuseInputError(f"{images.source}: template {template}: {exc}") from exc
+        descriptor = descriptor.float().cpu()
+        if not all_finite(descriptor) or not bool(descriptor.any()):
+            kind = "zero" if all_finite(descriptor) else "NaN or Inf"
+            raise FuseInputError(
+                f"{images.source}: template {template}: its fused descriptor is {kind}, a "
+                "direction cannot be written (are all its features zero?)"
+            )
+        ids[i] = template
+        descriptors[i] = torch.nn.functional.normalize(descriptor, dim=-1).numpy()
+        fused()
+    return ids, descriptors
 
 
 def fuse_templates(
@@ -201,46 +271,26 @@ def fuse_templates(
     checkpoint: str | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """-> template ids (T,) int64 and L2-normalized descriptors (T, D) float32.
-
-    ``chunk_size``: frames per part for methods that stream (``StreamingFuser``, e.g. caface;
-    their own default when None); other methods take a template at once and refuse it.
-    """
-    spec = get_method(method)
-    if spec.needs_style and images.style is None:
-        raise FuseInputError(f"{images.source}: method {method!r} needs style statistics")
-    try:
-        fuser = spec.build(checkpoint)
-    except ValueError as exc:  # a checkpoint that is missing or not this method's
-        raise FuseInputError(str(exc)) from exc
-    if chunk_size is not None and not isinstance(fuser, StreamingFuser):
-        raise ValueError(f"method {method!r} does not stream in chunks: it takes no chunk size")
+    """-> template ids (T,) int64 in increasing order and their L2-normalized descriptors
+    (T, D) float32. Methods that do not stream refuse ``chunk_size``."""
+    fuser = build_fuser(images, method, checkpoint, chunk_size, device)
     groups = list(templates_of(images))
-    ids = np.empty(len(groups), dtype=np.int64)
-    descriptors = np.empty((len(groups), images.features.shape[1]), dtype=np.float32)
     from tqdm import tqdm
 
-    for i, (template, rows) in enumerate(
-        tqdm(groups, unit="template", disable=not progress, dynamic_ncols=True)
-    ):
-        try:
-            with torch.no_grad():
-                fused = _fuse_one(images, fuser, template, rows, chunk_size)
-        except FuseInputError:
-            raise
-        except ValueError as exc:  # the module refused the template (width, style shape, ...)
-            raise FuseInputError(f"{images.source}: template {template}: {exc}") from exc
-        fused = fused.float()
-        if not all_finite(fused) or not bool(fused.any()):
-            kind = "zero" if all_finite(fused) else "NaN or Inf"
-            raise FuseInputError(
-                f"{images.source}: template {template}: its fused descriptor is {kind}, a "
-                "direction cannot be written (are all its features zero?)"
-            )
-        ids[i] = template
-        descriptors[i] = torch.nn.functional.normalize(fused, dim=-1).numpy()
-    return ids, descriptors
+    with tqdm(total=len(groups), unit="template", disable=not progress, dynamic_ncols=True) as bar:
+        return fuse_groups(images, fuser, groups, chunk_size, device, lambda: bar.update())
+
+
+def input_paths(
+    features: str | Path,
+    templates: str | Path | None,
+    style: str | Path | None,
+    checkpoint: str | None,
+) -> list[str | Path | None]:
+    """Every file a run with these arguments may read (the output must be none of them)."""
+    return [features, templates, style, checkpoint, style_path(Path(features))]
 
 
 def check_output(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:

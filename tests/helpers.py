@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
@@ -160,3 +161,10 @@ def assert_compiled_matches_reference(
     assert_rel_close(value.detach(), expected_value.detach(), 1e-5)
     for g, e in zip(got, expected, strict=True):
         assert_rel_close(g, e, grad_rtol)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,7 @@ import fusedset
 from fusedset import reference
 from fusedset.ops import cluster_accumulate, cluster_accumulate_caface
 
-from .helpers import assert_rel_close
+from .helpers import assert_rel_close, free_port
 
 
 def truth(keys, queries, values, scale):
@@ -195,13 +195,10 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_state_all_reduce_across_two_gloo_processes(tmp_path):
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "worker.py"
     script.write_text(DISTRIBUTED_WORKER)
     out = tmp_path / "state.pt"

@@ -9,7 +9,6 @@ the test compares it here with one process's module over the concatenated frames
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from fusedset.nn import CAFace, FaceCoresetNet
 from fusedset.ops import quality_fps
 from fusedset.reference.caface import CAFaceConfig
 
-from .helpers import assert_rel_close
+from .helpers import assert_rel_close, free_port
 
 WORLD = 3
 WIDTH = 16
@@ -189,9 +188,7 @@ def main() -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, object]]:
     out = tmp_path_factory.mktemp("distributed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "tests.test_distributed", str(port), str(out)],
         capture_output=True,

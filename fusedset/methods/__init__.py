@@ -4,6 +4,8 @@ Both ``fusedset.fuse`` (writing descriptors) and ``fusedset.eval`` (scoring them
 methods here, so neither depends on the other.
 """
 
+import torch
+
 from fusedset.methods.baselines import core_mean, mean, media_mean, norm_mean
 from fusedset.methods.registry import (
     ALIASES,
@@ -20,21 +22,23 @@ from fusedset.methods.registry import (
 
 
 def _register_baseline(name: str, fuser: Fuser, description: str) -> None:
-    # Baselines have no weights: their build ignores the checkpoint.
-    register_method(Method(name, build=lambda checkpoint: fuser, description=description))
+    # Baselines have no weights: their build ignores the checkpoint, and they run where the
+    # template is.
+    register_method(Method(name, build=lambda checkpoint, device=None: fuser,
+                           description=description))  # fmt: skip
 
 
-def _build_caface(checkpoint: str | None) -> Fuser:
+def _build_caface(checkpoint: str | None, device: torch.device | None = None) -> Fuser:
     # Imported when built: the learned modules load their weights.
     from fusedset.methods.learned import caface_fuser
 
-    return caface_fuser(checkpoint)
+    return caface_fuser(checkpoint, device)
 
 
-def _build_coreset(checkpoint: str | None) -> Fuser:
+def _build_coreset(checkpoint: str | None, device: torch.device | None = None) -> Fuser:
     from fusedset.methods.learned import coreset_fuser
 
-    return coreset_fuser(checkpoint)
+    return coreset_fuser(checkpoint, device)
 
 
 _register_baseline("mean", mean, "plain average of unit embeddings")

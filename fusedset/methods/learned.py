@@ -135,13 +135,13 @@ class CoresetFuser:
         return descriptor[0]
 
 
-def caface_fuser(checkpoint: str | None) -> CAFaceFuser:
+def caface_fuser(checkpoint: str | None, device: torch.device | None = None) -> CAFaceFuser:
     if checkpoint is None:
         raise ValueError("method 'caface' needs a checkpoint")
-    return CAFaceFuser(load_module(checkpoint, "caface"))
+    return CAFaceFuser(load_module(checkpoint, "caface").to(device))
 
 
-def coreset_fuser(checkpoint: str | None) -> CoresetFuser:
+def coreset_fuser(checkpoint: str | None, device: torch.device | None = None) -> CoresetFuser:
     if checkpoint is None:
         raise ValueError("method 'coreset' needs a checkpoint")
-    return CoresetFuser(load_module(checkpoint, "coreset"))
+    return CoresetFuser(load_module(checkpoint, "coreset").to(device))

@@ -2,9 +2,9 @@
 
 A method turns one template (the raw embeddings of its images, their media ids and style
 statistics) into one descriptor; evaluation compares descriptors by cosine. A method is
-registered under a name with a ``build(checkpoint)`` function that returns its fuser, so a
-learned module (``caface``, ``coreset``, see ``fusedset.methods.learned``) loads its weights once
-and is then called per template. A fuser that can also take a template in parts (a
+registered under a name with a ``build(checkpoint, device=None)`` function that returns its
+fuser, so a learned module (``caface``, ``coreset``, see ``fusedset.methods.learned``) loads its
+weights once and is then called per template. A fuser that can also take a template in parts (a
 ``StreamingFuser``, such as CAFace's) lets ``fusedset fuse`` read a long template chunk by chunk.
 """
 
@@ -65,14 +65,15 @@ class Method:
 
     Attributes:
         name: the name ``fusedset eval --method`` takes.
-        build: checkpoint path (None when not given) -> fuser; called once per evaluation.
+        build: (checkpoint path or None when not given, device or None for the CPU) -> fuser,
+            which takes templates on that device; called once per evaluation.
         description: one line for help and reports.
         needs_checkpoint: evaluation refuses to run it without ``--checkpoint``.
         needs_style: evaluation refuses to run it on a benchmark without style statistics.
     """
 
     name: str
-    build: Callable[[str | None], Fuser]
+    build: Callable[[str | None, torch.device | None], Fuser]
     description: str
     needs_checkpoint: bool = False
     needs_style: bool = False

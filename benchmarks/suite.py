@@ -220,6 +220,10 @@ def run(names: Sequence[str], device: str, mode: str, out: Path) -> dict:
         for case_list in cases.values():
             for case in case_list:
                 rows += measure(case, device, progress)
+    # Modules whose numbers come from processes of their own (e.g. several ranks).
+    for module in selected.values():
+        if hasattr(module, "measurements"):
+            rows += module.measurements(mode, device)
 
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info(device)

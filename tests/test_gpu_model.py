@@ -72,6 +72,24 @@ def test_busy_fraction_counts_the_idle_sms_of_a_partial_wave(programs, resident,
     assert got_busy == pytest.approx(busy)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", gpu_model.STYLE_SHAPES)
+def test_style_pool_mirror_reads_x_once_each_way_and_fills_the_gpu(shape, layout):
+    b, c, h, w = shape
+    x, rows = b * c * h * w * 4, b * c
+    forward, forward_floor = gpu_model.style_pool_launches(shape, layout, backward=False)
+    backward, backward_floor = gpu_model.style_pool_launches(shape, layout, backward=True)
+    # Forward: x in; out (float32) and the saved statistics (float32) out.
+    assert forward_floor == x + 2 * rows * 4 + 2 * rows * 4
+    # Backward: grad, x and the saved statistics in, dx out, in one launch.
+    assert backward_floor == 2 * x + 2 * rows * 4 + 2 * rows * 4
+    assert [sink for _, sink, *_ in backward] == ["GradFromStats"]
+    for launches, floor in ((forward, forward_floor), (backward, backward_floor)):
+        moved = sum(loaded + stored for *_, loaded, stored in launches)
+        assert floor <= moved <= 1.05 * floor
+        assert max(grid for _, _, grid, *_ in launches) >= gpu_model.GPUS[90].sms
+
+
 def test_compare_puts_a_bench_run_beside_the_model(tmp_path):
     model = [
         {

@@ -12,13 +12,22 @@ from .helpers import DEVICES, RTOL, assert_rel_close, cuda_only, max_rel_error
 
 IRESNET_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14), (2, 512, 7, 7)]
 ODD_SHAPES = [(3, 5, 1, 1), (3, 5, 1, 2), (2, 7, 3, 1), (2, 9, 7, 7), (1, 6, 97, 1), (5, 65, 3, 3)]
+# Rows longer than the CUDA kernels' on-chip chunk (1024 positions): split across blocks when
+# the batch is small (forward: partials merged by a second kernel), walked chunk by chunk in one
+# unit otherwise; channel-tile tails.
+LONG_SHAPES = [(1, 3, 224, 224), (2, 5, 33, 33), (1, 70, 40, 40), (3, 2, 1, 1025)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last"]
 
 
 def kernel(x: torch.Tensor) -> torch.Tensor:
     """The compiled kernel itself: never the reference, whatever the dispatch would pick."""
-    return torch.ops.fusedset.style_pool.default(x)
+    out, _ = torch.ops.fusedset.style_pool.default(x)
+    return out
+
+
+def accumulation_type(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def feature_maps(shape, dtype, layout, device="cpu") -> torch.Tensor:
@@ -37,7 +46,7 @@ def truth(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", IRESNET_SHAPES + ODD_SHAPES)
+@pytest.mark.parametrize("shape", IRESNET_SHAPES + ODD_SHAPES + LONG_SHAPES)
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_forward_matches_reference(shape, dtype, layout, device):
     x = feature_maps(shape, dtype, layout, device)
@@ -56,7 +65,26 @@ def test_forward_matches_reference(shape, dtype, layout, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 128, 28, 28), (2, 512, 7, 7), *ODD_SHAPES])
+@pytest.mark.parametrize("shape", [(2, 128, 28, 28), (2, 512, 7, 7), *ODD_SHAPES, *LONG_SHAPES])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_stats_are_the_row_statistics_in_the_accumulation_type(shape, dtype, layout, device):
+    """stats[..., 0] is the mean less the row's first value, stats[..., 1] the std, both to the
+    accumulation type's precision whatever x's dtype."""
+    x = feature_maps(shape, dtype, layout, device)
+    _, stats = torch.ops.fusedset.style_pool.default(x)
+    acc = accumulation_type(dtype)
+    assert stats.shape == (shape[0], shape[1], 2)
+    assert stats.dtype == acc
+    assert stats.is_contiguous()
+    expected = truth(x)
+    mean = stats[..., 0].double() + x[:, :, 0, 0].double()
+    assert_rel_close(torch.stack([mean, stats[..., 1].double()], dim=-1), expected, RTOL[acc])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 128, 28, 28), (2, 512, 7, 7), *ODD_SHAPES, *LONG_SHAPES])
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_backward_matches_reference(shape, dtype, layout, device):
     x = feature_maps(shape, dtype, layout, device).requires_grad_()
@@ -112,27 +140,24 @@ def test_stable_where_sum_of_squares_cancels(device, layout):
     assert ((naive_std.double() - expected[..., 1]).abs() / expected[..., 1]).max() > 1e-2
 
 
-# The CUDA kernels' other paths: rows longer than one on-chip chunk (1024 positions), split
-# across blocks when the batch is small (partials merged by a second kernel; backward: partials,
-# merge, dx), walked chunk by chunk in one unit when the batch is large, channel-tile tails.
-CUDA_SPLIT_SHAPES = [(1, 3, 224, 224), (2, 5, 33, 33), (1, 70, 40, 40), (3, 2, 1, 1025)]
-
-
-@cuda_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", CUDA_SPLIT_SHAPES)
-@pytest.mark.usefixtures("poisoned_outputs")
-def test_cuda_split_rows_match_reference(shape, dtype, layout):
-    x = feature_maps(shape, dtype, layout, "cuda").requires_grad_()
-    out = kernel(x)
-    assert_rel_close(out, truth(x), RTOL[dtype])
-    grad = torch.randn(shape[0], shape[1], 2, device="cuda", dtype=dtype)
-    (dx,) = torch.autograd.grad(out, x, grad)
-    x64 = x.detach().double().requires_grad_()
-    (expected,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
-    assert dx.stride() == x.stride()
-    assert_rel_close(dx, expected, RTOL[dtype])
+@pytest.mark.parametrize("shape", [(4, 64, 28, 28), (1, 4, 224, 224)])
+def test_backward_exact_where_mean_dominates(device, layout, shape):
+    """|mean| = 1e4 >> std = 1: the saved mean, relative to the row's first value, keeps the bits
+    of the deviations, so dx stays exact where a float32 mean (rounded by up to 5e-4, shifting
+    every deviation) would put it 1e-4 off."""
+    x = (1e4 + torch.randn(shape)).to(device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    expected = truth(x)
+    _, stats = torch.ops.fusedset.style_pool.default(x)
+    assert_rel_close(stats[..., 0].double(), expected[..., 0] - x[:, :, 0, 0].double(), 1e-5)
+    grad = torch.randn(shape[0], shape[1], 2, device=device)
+    dx = torch.ops.fusedset.style_pool_backward.default(grad, x, stats)
+    x64 = x.double().requires_grad_()
+    (dx64,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert_rel_close(dx, dx64, RTOL[torch.float32])
 
 
 @cuda_only
@@ -157,18 +182,18 @@ def test_cuda_exact_where_sum_of_squares_cancels_and_deterministic(shape, layout
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     expected = truth(x)
-    out = kernel(x)
+    out, stats = torch.ops.fusedset.style_pool.default(x)
     assert_rel_close(out[..., 0], expected[..., 0], 1e-6)
     std_err = ((out[..., 1].double() - expected[..., 1]).abs() / expected[..., 1]).max().item()
     assert std_err < 1e-5
+    # dx's accuracy here: test_backward_exact_where_mean_dominates.
     grad = torch.randn(shape[0], shape[1], 2, device="cuda")
-    dx = torch.ops.fusedset.style_pool_backward.default(grad, x)
-    x64 = x.double().requires_grad_()
-    (dx64,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
-    assert_rel_close(dx, dx64, RTOL[torch.float32])
+    dx = torch.ops.fusedset.style_pool_backward.default(grad, x, stats)
     for _ in range(3):
-        assert torch.equal(kernel(x), out)
-        assert torch.equal(torch.ops.fusedset.style_pool_backward.default(grad, x), dx)
+        again, again_stats = torch.ops.fusedset.style_pool.default(x)
+        assert torch.equal(again, out)
+        assert torch.equal(again_stats, stats)
+        assert torch.equal(torch.ops.fusedset.style_pool_backward.default(grad, x, stats), dx)
 
 
 @cuda_only
@@ -246,11 +271,61 @@ def test_other_strides_are_read_correctly(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck(device, layout):
-    x = feature_maps((2, 5, 3, 4), torch.float32, layout, device).requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_opcheck(device, layout, dtype):
+    x = feature_maps((2, 5, 3, 4), dtype, layout, device).requires_grad_()
     torch.library.opcheck(torch.ops.fusedset.style_pool.default, (x,))
-    grad = torch.randn(2, 5, 2, device=device)
-    torch.library.opcheck(torch.ops.fusedset.style_pool_backward.default, (grad, x.detach()))
+    _, stats = torch.ops.fusedset.style_pool.default(x.detach())
+    grad = torch.randn(2, 5, 2, device=device, dtype=dtype)
+    torch.library.opcheck(torch.ops.fusedset.style_pool_backward.default, (grad, x.detach(), stats))
+
+
+def test_stats_are_not_differentiable():
+    x = feature_maps((2, 5, 3, 4), torch.float32, "contiguous").requires_grad_()
+    out, stats = torch.ops.fusedset.style_pool.default(x)
+    assert out.requires_grad
+    assert not stats.requires_grad
+
+
+def _row_tensors(device):
+    x = feature_maps((2, 3, 4, 4), torch.float16, "contiguous", device)
+    _, stats = torch.ops.fusedset.style_pool.default(x)
+    return x, torch.randn(2, 3, 2, device=device, dtype=torch.float16), stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("argument", "bad", "pattern"),
+    [
+        ("stats", lambda t: t[:, :2], r"stats must have shape \(2, 3, 2\), got \[2, 2, 2\]"),
+        ("stats", lambda t: t[..., :1], r"stats must have shape \(2, 3, 2\), got \[2, 3, 1\]"),
+        ("stats", lambda t: t.flatten(1), r"stats must have shape \(2, 3, 2\), got \[2, 6\]"),
+        (
+            "stats",
+            lambda t: t.half(),
+            r"stats must have dtype Float \(x is Half\), got Half",
+        ),
+        ("stats", lambda t: t.double(), r"stats must have dtype Float \(x is Half\), got Double"),
+        ("grad", lambda t: t[:1], r"grad must have shape \(2, 3, 2\), got \[1, 3, 2\]"),
+        ("grad", lambda t: t.float(), r"grad must have dtype Half \(x is Half\), got Float"),
+    ],
+)
+def test_bad_backward_arguments_are_named(device, argument, bad, pattern):
+    x, grad, stats = _row_tensors(device)
+    args = {"grad": grad, "stats": stats}
+    args[argument] = bad(args[argument])
+    with pytest.raises(RuntimeError, match="style_pool_backward: " + pattern):
+        torch.ops.fusedset.style_pool_backward.default(args["grad"], x, args["stats"])
+
+
+@cuda_only
+@pytest.mark.parametrize("argument", ["grad", "stats"])
+def test_backward_arguments_on_another_device_are_named(argument):
+    x, grad, stats = _row_tensors("cuda")
+    args = {"grad": grad, "stats": stats}
+    args[argument] = args[argument].cpu()
+    with pytest.raises(RuntimeError, match=f"{argument} must be on x's device cuda:0, got cpu"):
+        torch.ops.fusedset.style_pool_backward.default(args["grad"], x, args["stats"])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,6 +1,7 @@
 #include "ops/style_pool.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 namespace fusedset {
@@ -27,30 +28,39 @@ StylePoolLayout readable_layout(const at::Tensor& x, at::Tensor& readable) {
   return StylePoolLayout::kContiguous;
 }
 
+// grad and stats are (B, C, 2) per-row tensors on x's device.
+void check_row_tensor(const at::Tensor& x, const at::Tensor& t, const char* name,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.size(2) == 2,
+              "style_pool_backward: ", name, " must have shape (", x.size(0), ", ", x.size(1),
+              ", 2), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "style_pool_backward: ", name, " must have dtype ", dtype,
+              " (x is ", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "style_pool_backward: ", name, " must be on x's device ",
+              x.device(), ", got ", t.device());
+}
+
 }  // namespace
 
-at::Tensor style_pool_forward(const at::Tensor& x, StylePoolForwardKernel kernel) {
+std::tuple<at::Tensor, at::Tensor> style_pool_forward(const at::Tensor& x,
+                                                      StylePoolForwardKernel kernel) {
   check_input(x);
   at::Tensor out = at::empty({x.size(0), x.size(1), 2}, x.options());
+  at::Tensor stats = at::empty_like(out, out.options().dtype(at::toOpMathType(x.scalar_type())));
   if (out.numel() == 0) {
-    return out;
+    return {out, stats};
   }
   at::Tensor readable;
   const StylePoolLayout layout = readable_layout(x, readable);
-  kernel(readable, layout, out);
-  return out;
+  kernel(readable, layout, out, stats);
+  return {out, stats};
 }
 
-at::Tensor style_pool_backward(const at::Tensor& grad, const at::Tensor& x,
+at::Tensor style_pool_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
                                StylePoolBackwardKernel kernel) {
   check_input(x);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) &&
-                  grad.size(2) == 2,
-              "style_pool_backward: grad must have shape (", x.size(0), ", ", x.size(1),
-              ", 2), got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(),
-              "style_pool_backward: grad dtype ", grad.scalar_type(), " differs from x dtype ",
-              x.scalar_type());
+  check_row_tensor(x, grad, "grad", x.scalar_type());
+  check_row_tensor(x, stats, "stats", at::toOpMathType(x.scalar_type()));
   // empty_like preserves x's strides, as the fake kernel does.
   at::Tensor dx = at::empty_like(x);
   if (dx.numel() == 0) {
@@ -59,19 +69,22 @@ at::Tensor style_pool_backward(const at::Tensor& grad, const at::Tensor& x,
   at::Tensor readable;
   const StylePoolLayout layout = readable_layout(x, readable);
   const at::Tensor grad_c = grad.contiguous();
+  const at::Tensor stats_c = stats.contiguous();
   if (readable.is_same(x)) {
-    kernel(grad_c, readable, layout, dx);
+    kernel(grad_c, readable, stats_c, layout, dx);
   } else {
     at::Tensor dx_readable = at::empty_like(readable);
-    kernel(grad_c, readable, layout, dx_readable);
+    kernel(grad_c, readable, stats_c, layout, dx_readable);
     dx.copy_(dx_readable);
   }
   return dx;
 }
 
 TORCH_LIBRARY_FRAGMENT(fusedset, m) {
-  m.def("style_pool(Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
-  m.def("style_pool_backward(Tensor grad, Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Returns (out, stats); stats (see style_pool.h) is what style_pool_backward takes.
+  m.def("style_pool(Tensor x) -> (Tensor, Tensor)", {at::Tag::pt2_compliant_tag});
+  m.def("style_pool_backward(Tensor grad, Tensor x, Tensor stats) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 }  // namespace fusedset

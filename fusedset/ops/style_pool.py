@@ -24,26 +24,34 @@ def style_pool(x: torch.Tensor) -> torch.Tensor:
     check_tensor("style_pool", "x", x, dims="B, C, H, W")
     if _dispatch.use_reference("style_pool", x.device):
         return reference.style_pool(x)
-    return torch.ops.fusedset.style_pool.default(x)
+    out, _ = torch.ops.fusedset.style_pool.default(x)
+    return out
 
 
 if _dispatch.extension_loaded():
-
+    # The op returns (out, stats): stats are the row statistics in the accumulation type that the
+    # backward takes instead of reading x again to recompute them (csrc/ops/style_pool.h).
     @torch.library.register_fake("fusedset::style_pool")
-    def _style_pool_fake(x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], x.shape[1], 2))
+    def _style_pool_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (x.shape[0], x.shape[1], 2)
+        accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty(shape), x.new_empty(shape, dtype=accumulation)
 
     @torch.library.register_fake("fusedset::style_pool_backward")
-    def _style_pool_backward_fake(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _style_pool_backward_fake(
+        grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor
+    ) -> torch.Tensor:
         return torch.empty_like(x)
 
     def _setup_context(ctx, inputs, output) -> None:
         (x,) = inputs
-        ctx.save_for_backward(x)
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, stats)
 
     @first_order("style_pool")
-    def _backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.fusedset.style_pool_backward.default(grad, x)
+    def _backward(ctx, grad: torch.Tensor, _grad_stats: torch.Tensor | None) -> torch.Tensor:
+        x, stats = ctx.saved_tensors
+        return torch.ops.fusedset.style_pool_backward.default(grad, x, stats)
 
     torch.library.register_autograd("fusedset::style_pool", _backward, setup_context=_setup_context)

@@ -715,11 +715,11 @@ def run(workloads: Sequence[Workload], arch: int, log=print) -> list[Row]:
 
 # style_pool's launch geometry, mirrored from csrc/ops/cuda/style_pool_kernel.cu (its constants
 # and its host plan): a row's H*W values are cut into chunks held in registers, and the chunks
-# into splits when there are too few rows to give the GPU TARGET_WARPS warps of work.
+# into splits when there are too few rows to give the GPU TARGET_WARPS warps of work. The
+# backward runs on the forward's units and reads x once, with the statistics the forward saved.
 STYLE_WARP_BLOCK = 256  # kWarp * kWarpsPerBlock threads: a warp per row (contiguous)
-STYLE_SPLIT_TILE = (32, 8)  # kSplitChannels x kSplitRows (channels_last)
-STYLE_RESIDENT_TILE = (16, 32)  # kResidentChannels x kResidentRows (channels_last backward)
-STYLE_VALUES_PER_THREAD = 32  # kValueRegisters 32-bit registers of values (fp32)
+STYLE_TILE = (32, 8)  # kTileChannels x kTileRows (channels_last)
+STYLE_VALUE_BYTES = 128  # kValueRegisters 32-bit registers of values a thread holds
 STYLE_TARGET_WARPS = 8192
 STYLE_SHAPES = ((256, 128, 28, 28), (1, 64, 224, 224))
 
@@ -730,53 +730,48 @@ def _cdiv(a: int, b: int) -> int:
 
 def style_pool_launches(shape, layout: str, backward: bool, size: int = 4):
     """[(kernel, sink, grid, threads, bytes loaded, bytes stored)] of one style_pool call on a
-    float32 (size 4) tensor of ``shape``, and its floor."""
+    tensor of ``shape`` with ``size``-byte elements, and its floor. The merge kernel's sink is
+    None (it has one variant per dtype)."""
     b, c, h, w = shape
     rows, n = b * c, h * w
     x = rows * n * size
-    per = STYLE_VALUES_PER_THREAD
+    acc = 8 if size == 8 else 4  # float64 accumulates in float64, the others in float32
+    per = STYLE_VALUE_BYTES // acc
     if layout == "contiguous":
         kernel, chunk, groups, unit = "style_pool_contiguous_kernel", 32 * per, rows, 1
-        threads = resident_threads = STYLE_WARP_BLOCK
-        resident_grid = _cdiv(rows, STYLE_WARP_BLOCK // 32)
+        threads = STYLE_WARP_BLOCK
     else:
-        channels, tile_rows = STYLE_SPLIT_TILE
+        channels, tile_rows = STYLE_TILE
         kernel, chunk = "style_pool_channels_last_kernel", tile_rows * per
         groups, unit = b * _cdiv(c, channels), tile_rows
         threads = channels * tile_rows
-        resident_grid = b * _cdiv(c, STYLE_RESIDENT_TILE[0])
-        resident_threads = STYLE_RESIDENT_TILE[0] * STYLE_RESIDENT_TILE[1]
     chunks = max(1, _cdiv(n, chunk))
     wanted = min(max(_cdiv(STYLE_TARGET_WARPS, groups * unit), 1), chunks)
     splits = _cdiv(chunks, _cdiv(chunks, wanted))
-
-    def units(s):
-        return _cdiv(rows * s, STYLE_WARP_BLOCK // 32) if layout == "contiguous" else groups * s
-
-    merge_grid = _cdiv(rows, STYLE_WARP_BLOCK // 32)
-    # Each split also reads its row's first element, the shift of its values.
-    partials = (kernel, "ToPartials", units(splits), threads, x + rows * (splits - 1) * size,
-                2 * rows * splits * size)  # fmt: skip
-    if not backward:
-        floor = x + 2 * rows * size
-        if splits == 1:
-            return [(kernel, "ToStats", units(1), threads, x, 2 * rows * size)], floor
-        merge = ("style_pool_merge_kernel", "true", merge_grid, STYLE_WARP_BLOCK,
-                 2 * rows * splits * size + rows * size, 2 * rows * size)  # fmt: skip
-        return [partials, merge], floor
-    floor = 2 * x + 2 * rows * size
-    if n <= 32 * per:  # the row stays in registers between its statistics and dx
-        return [(kernel, "GradResident", resident_grid, resident_threads, x + 2 * rows * size,
-                 x)], floor  # fmt: skip
-    merge = ("style_pool_merge_kernel", "false", merge_grid, STYLE_WARP_BLOCK,
-             2 * rows * splits * size, 2 * rows * size)  # fmt: skip
-    grad = (kernel, "GradFromStats", units(splits), threads,
-            x + rows * splits * 5 * size, x)  # fmt: skip
-    return [partials, merge, grad], floor
+    grid = (
+        _cdiv(rows * splits, STYLE_WARP_BLOCK // 32) if layout == "contiguous" else groups * splits
+    )
+    out, stats = 2 * rows * size, 2 * rows * acc
+    if backward:
+        # grad and stats read, x read, dx written. Each unit also reads its row's first element
+        # (the shift of its values), grad row and stats row.
+        floor = 2 * x + out + stats
+        per_unit = size + 2 * size + 2 * acc
+        return [(kernel, "GradFromStats", grid, threads, x + rows * splits * per_unit, x)], floor
+    floor = x + out + stats
+    if splits == 1:
+        return [(kernel, "ToStats", grid, threads, x, out + stats)], floor
+    # Each split also reads its row's first element, the shift of its values; the merge reads it
+    # once a row.
+    partials = (kernel, "ToPartials", grid, threads, x + rows * (splits - 1) * size,
+                2 * rows * splits * acc)  # fmt: skip
+    merge = ("style_pool_merge_kernel", None, _cdiv(rows, STYLE_WARP_BLOCK // 32),
+             STYLE_WARP_BLOCK, 2 * rows * splits * acc + rows * size, out + stats)  # fmt: skip
+    return [partials, merge], floor
 
 
-def _style_variant(kernel: str, sink: str) -> str:
-    return f"{kernel}<{sink}>"
+def _style_variant(kernel: str, sink: str | None) -> str:
+    return f"{kernel}<{sink}>" if sink else kernel
 
 
 def cuda_workloads() -> list[Workload]:
@@ -833,14 +828,11 @@ def cuda_resources(workloads: Sequence[Workload], arch: int) -> dict[tuple[str, 
     for shape in STYLE_SHAPES:
         for layout in ("contiguous", "channels_last"):
             for backward in (False, True):
-                for kernel, sink, _, threads, _, _ in style_pool_launches(shape, layout, backward)[
-                    0
-                ]:
-                    key = sink.lower() if kernel == "style_pool_merge_kernel" else sink
-                    match = [r for r in compiled if r.kernel == kernel and key in r.variant]
-                    if layout == "channels_last" and kernel != "style_pool_merge_kernel":
-                        tile = STYLE_RESIDENT_TILE if sink == "GradResident" else STYLE_SPLIT_TILE
-                        match = [r for r in match if f"{tile[0]}, {tile[1]}" in r.variant]
+                launches, _ = style_pool_launches(shape, layout, backward)
+                for kernel, sink, _, threads, _, _ in launches:
+                    match = [
+                        r for r in compiled if r.kernel == kernel and (sink or "") in r.variant
+                    ]
                     if len(match) != 1:
                         raise RuntimeError(
                             f"gpu_model: no single compiled {kernel} for {sink} in fusedset._C "

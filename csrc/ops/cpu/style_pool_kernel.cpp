@@ -1,6 +1,7 @@
 // style_pool CPU kernels. Rows of CAFace's feature maps (784 or 196 values) fit in L1, so each
 // row is reduced in two passes over the cached row: mean, then the deviations from it. That
-// stays exact where a one-pass sum / sum-of-squares cancels (|mean| >> std).
+// stays exact where a one-pass sum / sum-of-squares cancels (|mean| >> std). The backward reads
+// the row once more, for dx, with the statistics the forward saved.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,18 +21,24 @@ constexpr int64_t kChannelBlock = 64;
 // Values per parallel task: enough work to pay for handing the task to a thread.
 constexpr int64_t kValuesPerTask = 32768;
 
+// shifted_mean is the mean less the row's first value, what the saved statistics hold.
 template <typename acc_t>
 struct Stats {
   acc_t mean;
+  acc_t shifted_mean;
   acc_t std;
 };
 
 // Corrected two-pass (Chan, Golub & LeVeque): the sum of the deviations from the first-pass
-// mean cancels that mean's rounding error to first order, in the mean and in the variance.
+// mean cancels that mean's rounding error to first order, in the mean and in the variance. The
+// correction is added to mean - first, exact where |mean| >> std (both values are close), so the
+// shifted mean keeps it where the mean itself would round it away.
 template <typename acc_t>
-Stats<acc_t> corrected_stats(acc_t mean, acc_t sum_dev, acc_t sum_sq_dev, int64_t n) {
+Stats<acc_t> corrected_stats(acc_t first, acc_t mean, acc_t sum_dev, acc_t sum_sq_dev, int64_t n) {
   const acc_t count = static_cast<acc_t>(n);
-  return {mean + sum_dev / count, unbiased_std(sum_sq_dev - sum_dev * sum_dev / count, n)};
+  const acc_t correction = sum_dev / count;
+  return {mean + correction, (mean - first) + correction,
+          unbiased_std(sum_sq_dev - sum_dev * sum_dev / count, n)};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -43,7 +50,22 @@ Stats<acc_t> row_stats(const scalar_t* row, int64_t n) {
     const acc_t d = value(i) - mean;
     return d * d;
   });
-  return corrected_stats(mean, sum_dev, sum_sq_dev, n);
+  return corrected_stats(n > 0 ? value(0) : acc_t(0), mean, sum_dev, sum_sq_dev, n);
+}
+
+// The outputs of one row: out in x's dtype, the saved statistics in acc_t.
+template <typename scalar_t, typename acc_t>
+void write_stats(const Stats<acc_t>& s, int64_t row, scalar_t* out, acc_t* stats) {
+  out[2 * row] = static_cast<scalar_t>(s.mean);
+  out[2 * row + 1] = static_cast<scalar_t>(s.std);
+  stats[2 * row] = s.shifted_mean;
+  stats[2 * row + 1] = s.std;
+}
+
+template <typename scalar_t, typename acc_t>
+RowGrad<acc_t> row_grad(const scalar_t* grad, const acc_t* stats, int64_t row, int64_t n) {
+  return RowGrad<acc_t>(static_cast<acc_t>(grad[2 * row]), static_cast<acc_t>(grad[2 * row + 1]),
+                        stats[2 * row], stats[2 * row + 1], n);
 }
 
 // Contiguous: each (b, c) row of H*W values is one task.
@@ -60,30 +82,31 @@ void for_each_row(const at::Tensor& x, const Body& body) {
 }
 
 template <typename scalar_t>
-void contiguous_forward(const at::Tensor& x, at::Tensor& out) {
+void contiguous_forward(const at::Tensor& x, at::Tensor& out, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* data = x.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
   for_each_row(x, [&](int64_t r, int64_t n) {
-    const Stats<acc_t> s = row_stats<scalar_t, acc_t>(data + r * n, n);
-    dst[2 * r] = static_cast<scalar_t>(s.mean);
-    dst[2 * r + 1] = static_cast<scalar_t>(s.std);
+    write_stats(row_stats<scalar_t, acc_t>(data + r * n, n), r, out_data, stats_data);
   });
 }
 
+// Rows are not empty here: dx has elements.
 template <typename scalar_t>
-void contiguous_backward(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dx) {
+void contiguous_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+                         at::Tensor& dx) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const acc_t* s = stats.const_data_ptr<acc_t>();
   scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
   for_each_row(x, [&](int64_t r, int64_t n) {
     const scalar_t* row = data + r * n;
-    const Stats<acc_t> s = row_stats<scalar_t, acc_t>(row, n);
-    const RowGrad<acc_t> d(static_cast<acc_t>(g[2 * r]), static_cast<acc_t>(g[2 * r + 1]),
-                           s.mean, s.std, n);
+    const acc_t first = static_cast<acc_t>(row[0]);
+    const RowGrad<acc_t> d = row_grad(g, s, r, n);
     for (int64_t i = 0; i < n; ++i) {
-      dst[r * n + i] = static_cast<scalar_t>(d(static_cast<acc_t>(row[i])));
+      dst[r * n + i] = static_cast<scalar_t>(d(static_cast<acc_t>(row[i]) - first));
     }
   });
 }
@@ -132,85 +155,84 @@ void channel_block_stats(const scalar_t* image, int64_t c0, int64_t width, int64
     }
   }
   for (int64_t c = 0; c < width; ++c) {
-    stats[c] = corrected_stats(mean[c], sum_dev[c], sum_sq_dev[c], n);
+    const acc_t first = n > 0 ? static_cast<acc_t>(image[c0 + c]) : acc_t(0);
+    stats[c] = corrected_stats(first, mean[c], sum_dev[c], sum_sq_dev[c], n);
   }
 }
 
 template <typename scalar_t>
-void channels_last_forward(const at::Tensor& x, at::Tensor& out) {
+void channels_last_forward(const at::Tensor& x, at::Tensor& out, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* data = x.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  for_each_channel_block(
-      x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
-        Stats<acc_t> stats[kChannelBlock];
-        channel_block_stats(data + b * n * channels, c0, width, channels, n, stats);
-        for (int64_t c = 0; c < width; ++c) {
-          dst[2 * (b * channels + c0 + c)] = static_cast<scalar_t>(stats[c].mean);
-          dst[2 * (b * channels + c0 + c) + 1] = static_cast<scalar_t>(stats[c].std);
-        }
-      });
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
+  for_each_channel_block(x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
+    Stats<acc_t> block[kChannelBlock];
+    channel_block_stats(data + b * n * channels, c0, width, channels, n, block);
+    for (int64_t c = 0; c < width; ++c) {
+      write_stats(block[c], b * channels + c0 + c, out_data, stats_data);
+    }
+  });
 }
 
 template <typename scalar_t>
-void channels_last_backward(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dx) {
+void channels_last_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+                            at::Tensor& dx) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const acc_t* s = stats.const_data_ptr<acc_t>();
   scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
-  for_each_channel_block(
-      x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
-        const scalar_t* image = data + b * n * channels;
-        Stats<acc_t> stats[kChannelBlock];
-        channel_block_stats(image, c0, width, channels, n, stats);
-        RowGrad<acc_t> grads[kChannelBlock];
-        for (int64_t c = 0; c < width; ++c) {
-          const int64_t row = b * channels + c0 + c;
-          grads[c] = RowGrad<acc_t>(static_cast<acc_t>(g[2 * row]),
-                                    static_cast<acc_t>(g[2 * row + 1]), stats[c].mean,
-                                    stats[c].std, n);
-        }
-        scalar_t* out_image = dst + b * n * channels;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t offset = i * channels + c0;
-          for (int64_t c = 0; c < width; ++c) {
-            out_image[offset + c] =
-                static_cast<scalar_t>(grads[c](static_cast<acc_t>(image[offset + c])));
-          }
-        }
-      });
+  for_each_channel_block(x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
+    const scalar_t* image = data + b * n * channels;
+    acc_t first[kChannelBlock];
+    RowGrad<acc_t> grads[kChannelBlock];
+    for (int64_t c = 0; c < width; ++c) {
+      first[c] = static_cast<acc_t>(image[c0 + c]);
+      grads[c] = row_grad(g, s, b * channels + c0 + c, n);
+    }
+    scalar_t* out_image = dst + b * n * channels;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t offset = i * channels + c0;
+      for (int64_t c = 0; c < width; ++c) {
+        out_image[offset + c] =
+            static_cast<scalar_t>(grads[c](static_cast<acc_t>(image[offset + c]) - first[c]));
+      }
+    }
+  });
 }
 
-void forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_cpu",
-                                  [&] {
+void forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out,
+                    at::Tensor& stats) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_cpu", [&] {
+    if (layout == StylePoolLayout::kContiguous) {
+      contiguous_forward<scalar_t>(x, out, stats);
+    } else {
+      channels_last_forward<scalar_t>(x, out, stats);
+    }
+  });
+}
+
+void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+                     StylePoolLayout layout, at::Tensor& dx) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "style_pool_backward_cpu", [&] {
                                     if (layout == StylePoolLayout::kContiguous) {
-                                      contiguous_forward<scalar_t>(x, out);
+                                      contiguous_backward<scalar_t>(grad, x, stats, dx);
                                     } else {
-                                      channels_last_forward<scalar_t>(x, out);
+                                      channels_last_backward<scalar_t>(grad, x, stats, dx);
                                     }
                                   });
-}
-
-void backward_kernel(const at::Tensor& grad, const at::Tensor& x, StylePoolLayout layout,
-                     at::Tensor& dx) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_backward_cpu", [&] {
-        if (layout == StylePoolLayout::kContiguous) {
-          contiguous_backward<scalar_t>(grad, x, dx);
-        } else {
-          channels_last_backward<scalar_t>(grad, x, dx);
-        }
-      });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedset, CPU, m) {
   m.impl("style_pool", [](const at::Tensor& x) { return style_pool_forward(x, forward_kernel); });
-  m.impl("style_pool_backward", [](const at::Tensor& grad, const at::Tensor& x) {
-    return style_pool_backward(grad, x, backward_kernel);
-  });
+  m.impl("style_pool_backward",
+         [](const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
+           return style_pool_backward(grad, x, stats, backward_kernel);
+         });
 }
 
 }  // namespace fusedset

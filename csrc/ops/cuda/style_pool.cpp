@@ -10,10 +10,11 @@ TORCH_LIBRARY_IMPL(fusedset, CUDA, m) {
     const c10::cuda::CUDAGuard guard(x.device());
     return style_pool_forward(x, cuda::style_pool_forward_kernel);
   });
-  m.impl("style_pool_backward", [](const at::Tensor& grad, const at::Tensor& x) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    return style_pool_backward(grad, x, cuda::style_pool_backward_kernel);
-  });
+  m.impl("style_pool_backward",
+         [](const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
+           const c10::cuda::CUDAGuard guard(x.device());
+           return style_pool_backward(grad, x, stats, cuda::style_pool_backward_kernel);
+         });
 }
 
 }  // namespace fusedset

@@ -7,11 +7,11 @@
 // in a fixed order: across a thread's chunks, across the threads of the unit, then (when a
 // row is split into several units so that small batches of large maps fill the GPU) across
 // the units' partials in a second kernel. No float atomics: the same input gives the same bits.
+// Besides (mean, std) in x's dtype the forward writes the row's statistics in the accumulation
+// type, the mean still shifted by the row's first element (see style_pool.h).
 //
-// Backward: a row that fits in one chunk stays in registers between the statistics and dx
-// (one read of x). Longer rows are read twice: partial moments, a merge into per-row
-// statistics, then dx. Statistics are recomputed in the accumulation type rather than taken
-// from the forward's output, which fp16/bf16 would have rounded.
+// Backward: one read of x, in the forward's units: each unit shifts its values by the row's
+// first element again and writes dx from the saved statistics.
 //
 // Lean includes on purpose: the full torch headers cost minutes per architecture under nvcc.
 #include <ATen/Dispatch.h>
@@ -37,18 +37,16 @@ constexpr int kWarp = 32;
 // kernel uses the same blocks, a warp per row.
 constexpr int kWarpsPerBlock = 8;
 constexpr int kWarpBlockThreads = kWarp * kWarpsPerBlock;
-// channels_last: a block per unit of kSplitChannels adjacent channels (a coalesced slice of a
-// pixel) and kSplitRows threads down the H*W axis. The backward of rows that fit on chip uses
-// kResidentChannels x kResidentRows threads, so that 1024 positions fit in registers.
-constexpr int kSplitChannels = 32;
-constexpr int kSplitRows = 8;
-constexpr int kResidentChannels = 16;
-constexpr int kResidentRows = 32;
+// channels_last: a block per unit of kTileChannels adjacent channels (a coalesced slice of a
+// pixel) and kTileRows threads down the H*W axis.
+constexpr int kTileChannels = 32;
+constexpr int kTileRows = 8;
+constexpr int kTileThreads = kTileChannels * kTileRows;
 // 32-bit registers of x values each thread holds: 32 floats or 16 doubles. A chunk is one
 // such load per thread: 1024 positions for a warp (fp32/fp16/bf16; 512 for fp64).
 constexpr int kValueRegisters = 32;
-// Every kernel keeps at least 512 threads resident per SM (at most 128 registers a thread):
-// a tighter bound spills the 32 values the resident backward holds across the reduction.
+// Every kernel keeps at least 512 threads resident per SM (at most 128 registers a thread, room
+// for the kValueRegisters values a thread holds and its moments).
 constexpr int kMinThreadsPerSM = 512;
 // Rows are split until the units of a launch hold this many warps (or every unit is one chunk).
 constexpr int64_t kTargetWarps = 8192;
@@ -59,10 +57,9 @@ constexpr int kValuesPerThread = kValueRegisters * 4 / static_cast<int>(sizeof(a
 
 // Where a unit's result goes; a type each, so that compiled variants read as
 // "style_pool_contiguous_kernel<float, float, ToStats>".
-struct ToStats {};        // the unit is a whole row: write (mean, std) to out
+struct ToStats {};        // the unit is a whole row: write out and the saved statistics
 struct ToPartials {};     // write the unit's shifted (mean, m2) to the workspace
-struct GradResident {};   // the unit is a whole row in one chunk: write dx from registers
-struct GradFromStats {};  // row statistics come from the merge kernel: read the unit again
+struct GradFromStats {};  // write the unit's dx from the saved statistics
 
 template <typename acc_t>
 struct Moments {
@@ -164,20 +161,24 @@ __device__ Moments<acc_t> thread_moments(const acc_t (&y)[kPer], int count) {
   return {static_cast<acc_t>(count), mean, m2};
 }
 
-// torch's mean over no values is NaN; the moments of an empty row have count 0.
+// out in x's dtype, the saved statistics in acc_t. torch's mean over no values is NaN; the
+// moments of an empty row have count 0.
 template <typename scalar_t, typename acc_t>
-__device__ void write_stats(scalar_t* __restrict__ out, int64_t row, acc_t ref, acc_t shifted_mean,
-                            acc_t m2, int64_t n) {
-  out[2 * row] = static_cast<scalar_t>(n > 0 ? ref + shifted_mean
-                                             : std::numeric_limits<acc_t>::quiet_NaN());
-  out[2 * row + 1] = static_cast<scalar_t>(unbiased_std(m2, n));
+__device__ void write_stats(scalar_t* __restrict__ out, acc_t* __restrict__ stats, int64_t row,
+                            acc_t ref, acc_t shifted_mean, acc_t m2, int64_t n) {
+  const acc_t mean = n > 0 ? shifted_mean : std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t stdev = unbiased_std(m2, n);
+  out[2 * row] = static_cast<scalar_t>(ref + mean);
+  out[2 * row + 1] = static_cast<scalar_t>(stdev);
+  stats[2 * row] = mean;
+  stats[2 * row + 1] = stdev;
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ RowGrad<acc_t> row_grad(const scalar_t* __restrict__ grad, int64_t row,
-                                   acc_t shifted_mean, acc_t stdev, int64_t n) {
+__device__ RowGrad<acc_t> row_grad(const scalar_t* __restrict__ grad,
+                                   const acc_t* __restrict__ saved, int64_t row, int64_t n) {
   return RowGrad<acc_t>(static_cast<acc_t>(grad[2 * row]), static_cast<acc_t>(grad[2 * row + 1]),
-                        shifted_mean, stdev, n);
+                        saved[2 * row], saved[2 * row + 1], n);
 }
 
 struct Units {
@@ -205,8 +206,8 @@ template <typename scalar_t, typename acc_t, typename Sink>
 __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlockThreads)
     style_pool_contiguous_kernel(const scalar_t* __restrict__ x, int64_t units, int64_t splits,
                                  int64_t span, int64_t n, const scalar_t* __restrict__ grad,
-                                 const acc_t* __restrict__ row_stats, scalar_t* __restrict__ out,
-                                 acc_t* __restrict__ partials) {
+                                 const acc_t* __restrict__ saved, scalar_t* __restrict__ out,
+                                 acc_t* __restrict__ stats, acc_t* __restrict__ partials) {
   constexpr int kPer = kValuesPerThread<acc_t>;
   constexpr int64_t kChunk = int64_t(kWarp) * kPer;
   const int lane = threadIdx.x % kWarp;
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlo
     if constexpr (std::is_same_v<Sink, GradFromStats>) {
       const acc_t ref =
           __shfl_sync(0xffffffffu, lane == 0 ? static_cast<acc_t>(src[0]) : acc_t(0), 0);
-      const RowGrad<acc_t> d = row_grad(grad, row, row_stats[2 * row], row_stats[2 * row + 1], n);
+      const RowGrad<acc_t> d = row_grad(grad, saved, row, n);
       for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
         const int count = load_values(src, 1, chunk + lane, kWarp, end, v);
         shift_values(v, count, ref);
@@ -231,9 +232,8 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlo
     } else {
       Moments<acc_t> m;
       acc_t ref = 0;
-      int count = 0;
       for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
-        count = load_values(src, 1, chunk + lane, kWarp, end, v);
+        const int count = load_values(src, 1, chunk + lane, kWarp, end, v);
         if (chunk == begin) {
           // Lane 0 holds the row's first value when the unit starts the row.
           ref = __shfl_sync(0xffffffffu,
@@ -243,48 +243,43 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kMinThreadsPerSM / kWarpBlo
         m = combine(m, thread_moments(v, count));
       }
       m = warp_combine(m, lane);
-      if constexpr (std::is_same_v<Sink, ToStats>) {
-        if (lane == 0) {
-          write_stats(out, row, ref, m.mean, m.m2, n);
-        }
-      } else if constexpr (std::is_same_v<Sink, ToPartials>) {
-        if (lane == 0) {
+      if (lane == 0) {
+        if constexpr (std::is_same_v<Sink, ToStats>) {
+          write_stats(out, stats, row, ref, m.mean, m.m2, n);
+        } else {
           partials[2 * unit] = m.mean;
           partials[2 * unit + 1] = m.m2;
         }
-      } else {
-        const RowGrad<acc_t> d = row_grad(grad, row, m.mean, unbiased_std(m.m2, n), n);
-        store_grad(out + row * n, 1, lane, kWarp, count, v, d);
       }
     }
   }
 }
 
-// ---- channels_last: per image an (H*W, C) matrix; a block reads kChannels adjacent channels
-// (threadIdx.x) of kRows positions (threadIdx.y) at a time.
+// ---- channels_last: per image an (H*W, C) matrix; a block reads kTileChannels adjacent
+// channels (threadIdx.x) of kTileRows positions (threadIdx.y) at a time.
 
-template <typename scalar_t, typename acc_t, typename Sink, int kChannels, int kRows>
-__global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannels * kRows))
-    style_pool_channels_last_kernel(const scalar_t* __restrict__ x, int64_t units,
-                                    int64_t splits, int64_t span, int64_t n, int64_t channels,
+template <typename scalar_t, typename acc_t, typename Sink>
+__global__ void __launch_bounds__(kTileThreads, kMinThreadsPerSM / kTileThreads)
+    style_pool_channels_last_kernel(const scalar_t* __restrict__ x, int64_t units, int64_t splits,
+                                    int64_t span, int64_t n, int64_t channels,
                                     const scalar_t* __restrict__ grad,
-                                    const acc_t* __restrict__ row_stats,
-                                    scalar_t* __restrict__ out, acc_t* __restrict__ partials) {
+                                    const acc_t* __restrict__ saved, scalar_t* __restrict__ out,
+                                    acc_t* __restrict__ stats, acc_t* __restrict__ partials) {
   constexpr int kPer = kValuesPerThread<acc_t>;
-  constexpr int64_t kChunk = int64_t(kRows) * kPer;
-  __shared__ acc_t s_count[kRows][kChannels];
-  __shared__ acc_t s_mean[kRows][kChannels];
-  __shared__ acc_t s_m2[kRows][kChannels];
-  __shared__ acc_t s_ref[kChannels];
+  constexpr int64_t kChunk = int64_t(kTileRows) * kPer;
+  __shared__ acc_t s_count[kTileRows][kTileChannels];
+  __shared__ acc_t s_mean[kTileRows][kTileChannels];
+  __shared__ acc_t s_m2[kTileRows][kTileChannels];
+  __shared__ acc_t s_ref[kTileChannels];
   const int tc = threadIdx.x;
   const int tr = threadIdx.y;
-  const int64_t tiles = (channels + kChannels - 1) / kChannels;
+  const int64_t tiles = (channels + kTileChannels - 1) / kTileChannels;
   // One flat grid axis over (image, channel tile, split): gridDim.y would cap B at 65535.
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const int64_t group = unit / splits;
     const int64_t begin = (unit % splits) * span;
     const int64_t b = group / tiles;
-    const int64_t c = (group % tiles) * kChannels + tc;
+    const int64_t c = (group % tiles) * kTileChannels + tc;
     const bool active = c < channels;
     // Channels past C read no position.
     const int64_t end = active ? std::min(n, begin + span) : begin;
@@ -299,16 +294,15 @@ __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannel
       __syncthreads();
       if (active) {
         const acc_t ref = s_ref[tc];
-        const RowGrad<acc_t> d =
-            row_grad(grad, row, row_stats[2 * row], row_stats[2 * row + 1], n);
+        const RowGrad<acc_t> d = row_grad(grad, saved, row, n);
         for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
-          const int count = load_values(src, channels, chunk + tr, kRows, end, v);
+          const int count = load_values(src, channels, chunk + tr, kTileRows, end, v);
           shift_values(v, count, ref);
-          store_grad(out + b * n * channels + c, channels, chunk + tr, kRows, count, v, d);
+          store_grad(out + b * n * channels + c, channels, chunk + tr, kTileRows, count, v, d);
         }
       }
     } else {
-      int count = load_values(src, channels, begin + tr, kRows, end, v);
+      int count = load_values(src, channels, begin + tr, kTileRows, end, v);
       if (tr == 0) {
         s_ref[tc] = begin == 0 || !active ? v[0] : static_cast<acc_t>(src[0]);
       }
@@ -317,7 +311,7 @@ __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannel
       shift_values(v, count, ref);
       Moments<acc_t> m = thread_moments(v, count);
       for (int64_t chunk = begin + kChunk; chunk < end; chunk += kChunk) {
-        count = load_values(src, channels, chunk + tr, kRows, end, v);
+        count = load_values(src, channels, chunk + tr, kTileRows, end, v);
         shift_values(v, count, ref);
         m = combine(m, thread_moments(v, count));
       }
@@ -327,22 +321,15 @@ __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannel
       __syncthreads();
       // Every thread of a channel combines the same states in the same order.
       Moments<acc_t> total;
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < kTileRows; ++r) {
         total = combine(total, Moments<acc_t>{s_count[r][tc], s_mean[r][tc], s_m2[r][tc]});
       }
-      if (active) {
+      if (active && tr == 0) {
         if constexpr (std::is_same_v<Sink, ToStats>) {
-          if (tr == 0) {
-            write_stats(out, row, ref, total.mean, total.m2, n);
-          }
-        } else if constexpr (std::is_same_v<Sink, ToPartials>) {
-          if (tr == 0) {
-            partials[2 * (row * splits + unit % splits)] = total.mean;
-            partials[2 * (row * splits + unit % splits) + 1] = total.m2;
-          }
+          write_stats(out, stats, row, ref, total.mean, total.m2, n);
         } else {
-          const RowGrad<acc_t> d = row_grad(grad, row, total.mean, unbiased_std(total.m2, n), n);
-          store_grad(out + b * n * channels + c, channels, begin + tr, kRows, count, v, d);
+          partials[2 * (row * splits + unit % splits)] = total.mean;
+          partials[2 * (row * splits + unit % splits) + 1] = total.m2;
         }
       }
     }
@@ -350,14 +337,14 @@ __global__ void __launch_bounds__(kChannels* kRows, kMinThreadsPerSM / (kChannel
   }
 }
 
-// ---- merge: a warp per row combines the row's partials in split order.
-// kToOut: write (mean, std) to out; else the shifted mean and std, in acc_t, to row_stats.
-template <typename scalar_t, typename acc_t, bool kToOut>
+// ---- merge: a warp per row combines the row's partials in split order into out and the saved
+// statistics.
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpBlockThreads)
     style_pool_merge_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t splits,
                             int64_t span, int64_t n, int64_t channels, int64_t channel_stride,
                             const acc_t* __restrict__ partials, scalar_t* __restrict__ out,
-                            acc_t* __restrict__ row_stats) {
+                            acc_t* __restrict__ stats) {
   const int lane = threadIdx.x % kWarp;
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
   for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; row < rows;
@@ -370,15 +357,10 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
     }
     m = warp_combine(m, lane);
     if (lane == 0) {
-      if constexpr (kToOut) {
-        const int64_t b = row / channels;
-        const acc_t ref =
-            static_cast<acc_t>(x[b * channels * n + (row - b * channels) * channel_stride]);
-        write_stats(out, row, ref, m.mean, m.m2, n);
-      } else {
-        row_stats[2 * row] = m.mean;
-        row_stats[2 * row + 1] = unbiased_std(m.m2, n);
-      }
+      const int64_t b = row / channels;
+      const acc_t ref =
+          static_cast<acc_t>(x[b * channels * n + (row - b * channels) * channel_stride]);
+      write_stats(out, stats, row, ref, m.mean, m.m2, n);
     }
   }
 }
@@ -393,104 +375,75 @@ struct Launcher {
   int64_t channels = x.size(1);
   int64_t n = x.size(2) * x.size(3);
   int64_t rows = batch * channels;
+  int64_t tiles = (channels + kTileChannels - 1) / kTileChannels;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* src = x.const_data_ptr<scalar_t>();
 
-  int64_t tiles(int tile_channels) const {
-    return (channels + tile_channels - 1) / tile_channels;
-  }
-
+  // The forward and the backward cut x into the same units.
   Units units() const {
     return layout == StylePoolLayout::kContiguous
                ? plan_units(rows, n, int64_t(kWarp) * kPer, 1)
-               : plan_units(batch * tiles(kSplitChannels), n, int64_t(kSplitRows) * kPer,
-                            kSplitChannels * kSplitRows / kWarp);
-  }
-
-  // Rows whose backward keeps them in registers: one chunk of the kernel that runs them.
-  bool resident() const {
-    return n <= (layout == StylePoolLayout::kContiguous ? kWarp : kResidentRows) * kPer;
+               : plan_units(batch * tiles, n, int64_t(kTileRows) * kPer, kTileThreads / kWarp);
   }
 
   template <typename Sink>
-  void run(const Units& u, const scalar_t* grad, const acc_t* row_stats, scalar_t* out,
+  void run(const Units& u, const scalar_t* grad, const acc_t* saved, scalar_t* out, acc_t* stats,
            acc_t* partials) const {
     if (layout == StylePoolLayout::kContiguous) {
       const int64_t count = rows * u.splits;
       style_pool_contiguous_kernel<scalar_t, acc_t, Sink>
           <<<grid_for((count + kWarpsPerBlock - 1) / kWarpsPerBlock), kWarpBlockThreads, 0,
-             stream>>>(src, count, u.splits, u.span, n, grad, row_stats, out, partials);
+             stream>>>(src, count, u.splits, u.span, n, grad, saved, out, stats, partials);
     } else {
-      constexpr bool kResident = std::is_same_v<Sink, GradResident>;
-      constexpr int kChannels = kResident ? kResidentChannels : kSplitChannels;
-      constexpr int kRows = kResident ? kResidentRows : kSplitRows;
-      const int64_t count = batch * tiles(kChannels) * u.splits;
-      style_pool_channels_last_kernel<scalar_t, acc_t, Sink, kChannels, kRows>
-          <<<grid_for(count), dim3(kChannels, kRows), 0, stream>>>(
-              src, count, u.splits, u.span, n, channels, grad, row_stats, out, partials);
+      const int64_t count = batch * tiles * u.splits;
+      style_pool_channels_last_kernel<scalar_t, acc_t, Sink>
+          <<<grid_for(count), dim3(kTileChannels, kTileRows), 0, stream>>>(
+              src, count, u.splits, u.span, n, channels, grad, saved, out, stats, partials);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  template <bool kToOut>
-  void merge(const Units& u, const acc_t* partials, scalar_t* out, acc_t* row_stats) const {
-    const int64_t channel_stride = layout == StylePoolLayout::kContiguous ? n : 1;
-    style_pool_merge_kernel<scalar_t, acc_t, kToOut>
-        <<<grid_for((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), kWarpBlockThreads, 0,
-           stream>>>(src, rows, u.splits, u.span, n, channels, channel_stride, partials, out,
-                     row_stats);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  at::Tensor workspace(int64_t count) const {
-    return x.new_empty({count, 2}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
-
-  void forward(scalar_t* out) const {
+  void forward(scalar_t* out, acc_t* stats) const {
     const Units u = units();
     if (u.splits == 1) {
-      run<ToStats>(u, nullptr, nullptr, out, nullptr);
+      run<ToStats>(u, nullptr, nullptr, out, stats, nullptr);
       return;
     }
-    const at::Tensor partials = workspace(rows * u.splits);
+    const at::Tensor partials = x.new_empty(
+        {rows * u.splits, 2}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* p = partials.mutable_data_ptr<acc_t>();
-    run<ToPartials>(u, nullptr, nullptr, nullptr, p);
-    merge<true>(u, p, out, nullptr);
+    run<ToPartials>(u, nullptr, nullptr, nullptr, nullptr, p);
+    const int64_t channel_stride = layout == StylePoolLayout::kContiguous ? n : 1;
+    style_pool_merge_kernel<scalar_t, acc_t>
+        <<<grid_for((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), kWarpBlockThreads, 0, stream>>>(
+            src, rows, u.splits, u.span, n, channels, channel_stride, p, out, stats);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  void backward(const scalar_t* grad, scalar_t* dx) const {
-    if (resident()) {
-      run<GradResident>(Units{1, n}, grad, nullptr, dx, nullptr);
-      return;
-    }
-    const Units u = units();
-    const at::Tensor partials = workspace(rows * u.splits);
-    const at::Tensor stats = workspace(rows);
-    acc_t* p = partials.mutable_data_ptr<acc_t>();
-    acc_t* s = stats.mutable_data_ptr<acc_t>();
-    run<ToPartials>(u, nullptr, nullptr, nullptr, p);
-    merge<false>(u, p, nullptr, s);
-    run<GradFromStats>(u, grad, s, dx, nullptr);
+  void backward(const scalar_t* grad, const acc_t* saved, scalar_t* dx) const {
+    run<GradFromStats>(units(), grad, saved, dx, nullptr, nullptr);
   }
 };
 
 }  // namespace
 
-void style_pool_forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_cuda",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    Launcher<scalar_t, acc_t>{x, layout}.forward(
-                                        out.mutable_data_ptr<scalar_t>());
-                                  });
+void style_pool_forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out,
+                               at::Tensor& stats) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        Launcher<scalar_t, acc_t>{x, layout}.forward(out.mutable_data_ptr<scalar_t>(),
+                                                     stats.mutable_data_ptr<acc_t>());
+      });
 }
 
 void style_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
-                                StylePoolLayout layout, at::Tensor& dx) {
+                                const at::Tensor& stats, StylePoolLayout layout, at::Tensor& dx) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "style_pool_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Launcher<scalar_t, acc_t>{x, layout}.backward(grad.const_data_ptr<scalar_t>(),
+                                                      stats.const_data_ptr<acc_t>(),
                                                       dx.mutable_data_ptr<scalar_t>());
       });
 }

@@ -3,8 +3,9 @@
 
 namespace fusedset::cuda {
 
-void style_pool_forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out);
+void style_pool_forward_kernel(const at::Tensor& x, StylePoolLayout layout, at::Tensor& out,
+                               at::Tensor& stats);
 void style_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
-                                StylePoolLayout layout, at::Tensor& dx);
+                                const at::Tensor& stats, StylePoolLayout layout, at::Tensor& dx);
 
 }  // namespace fusedset::cuda

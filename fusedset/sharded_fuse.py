@@ -165,6 +165,7 @@ class Watch:
                     if beat != beats[other]:
                         beats[other], heard[other] = beat, now
                     elif other != rank and now - heard[other] > self.rank_timeout:
+                        store.set(f"dead/{other}", "")
                         self.fail(
                             f"rank {other}: no sign of life for {self.rank_timeout:g} s, "
                             f"killed or hung (seen by rank {rank})",
@@ -177,10 +178,10 @@ class Watch:
     def _error(store: dist.Store) -> str | None:
         return store.get("error").decode() if store.check(["error"]) else None
 
-    def _leave(self, store: dist.Store | None, error: str) -> None:
+    def _leave(self, store: dist.Store | None, error: str, wait: bool = True) -> None:
         """Print the first failure and exit 2, letting the others know it was seen. The failing
-        rank, and rank 0 (whose process may hold the store), wait until every rank has seen it
-        (at most GRACE_SECONDS: a dead rank never does)."""
+        rank, and rank 0 (whose process may hold the store), wait until every rank not known
+        dead has seen it, at most GRACE_SECONDS."""
         bar, self._bar = self._bar, None
         if bar is not None:  # its last state, above the error
             bar.close()
@@ -190,11 +191,16 @@ class Watch:
         if store is not None:
             try:
                 store.add(f"seen/{self.launch.rank}", 1)
-                if self._failing or self.launch.rank == 0:
-                    keys = [f"seen/{r}" for r in range(self.launch.world)]
-                    deadline = time.monotonic() + GRACE_SECONDS
-                    while time.monotonic() < deadline and not store.check(keys):
-                        time.sleep(BEAT_SECONDS / 5)
+                deadline = time.monotonic() + GRACE_SECONDS
+                while wait and (self._failing or self.launch.rank == 0):
+                    waiting = [
+                        r
+                        for r in range(self.launch.world)
+                        if not store.check([f"seen/{r}"]) and not store.check([f"dead/{r}"])
+                    ]
+                    if not waiting or time.monotonic() > deadline:
+                        break
+                    time.sleep(BEAT_SECONDS / 5)
             except Exception:  # the store went first; nobody is left to tell
                 pass
         # No interpreter exit: a process group's teardown with its peers gone can abort.
@@ -212,15 +218,14 @@ class Watch:
         self._leave(store, message)
 
     def terminated(self, signum: int, frame: object) -> None:
-        """SIGTERM: the launcher stops this rank because another one failed."""
+        """SIGTERM: the launcher stops this rank because another one failed, and every other
+        rank with it: no waiting for them."""
         try:
             error = self._error(self._store)
         except Exception:  # the store is gone with the launcher
             error = None
-        self._leave(
-            self._store,
-            error or f"rank {self.launch.rank}: stopped by the launcher (another rank failed)",
-        )
+        error = error or f"rank {self.launch.rank}: stopped by the launcher (another rank failed)"
+        self._leave(self._store, error, wait=False)
 
     def arrive(self, key: str, count: int, timeout: float = math.inf) -> None:
         """Waits until ``count`` ranks have called ``arrive(key)``, or ``timeout`` seconds (the

@@ -11,6 +11,7 @@ from fusedset.cli import main
 from fusedset.methods import Template, get_method
 
 from .checkpoints import LAYOUTS, random_modules, write_checkpoint
+from .helpers import cuda_only
 
 
 @pytest.fixture
@@ -246,6 +247,29 @@ def test_learned_methods_fuse_every_format(tmp_path, images, modules, layout, me
     want_ids, want = expected_learned(images, method, modules[method], 256)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(descriptors, want, rtol=1e-4, atol=1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("method", ["media-mean", "core-mean", "caface", "coreset"])
+def test_fuses_on_cuda_as_on_cpu(tmp_path, images, modules, method):
+    args = ["fuse", "--method", method, "--no-progress", *write_inputs(tmp_path, images, "npz")]
+    if method in modules:
+        checkpoint = write_checkpoint(tmp_path / "w.pt", method, modules[method], "trained")
+        args += ["--checkpoint", str(checkpoint)]
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        outputs[device] = tmp_path / f"{device}.npz"
+        assert main([*args, "--device", device, "--out", str(outputs[device])]) == 0
+    cpu, cuda = read_output(outputs["cpu"]), read_output(outputs["cuda"])
+    np.testing.assert_array_equal(cuda[0], cpu[0])
+    np.testing.assert_allclose(cuda[1], cpu[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_device_cuda_without_a_device_is_refused(tmp_path, images, capsys):
+    args = ["--method", "mean", *write_inputs(tmp_path, images, "npz"), "--device", "cuda"]
+    refused([*args, "--out", str(tmp_path / "o.npz")], capsys, tmp_path,
+            "--device cuda: torch sees no CUDA device")  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["bare", "lightning"])

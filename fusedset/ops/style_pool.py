@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedset import _dispatch, reference
+from fusedset._dtypes import accumulation_dtype
 from fusedset.ops._autograd import first_order
 from fusedset.ops._checks import check_tensor
 
@@ -34,8 +35,7 @@ if _dispatch.extension_loaded():
     @torch.library.register_fake("fusedset::style_pool")
     def _style_pool_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (x.shape[0], x.shape[1], 2)
-        accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_empty(shape), x.new_empty(shape, dtype=accumulation)
+        return x.new_empty(shape), x.new_empty(shape, dtype=accumulation_dtype(x.dtype))
 
     @torch.library.register_fake("fusedset::style_pool_backward")
     def _style_pool_backward_fake(

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedset._dtypes import accumulation_dtype
+from fusedset._dtypes import accumulation_dtype, triton_label
 from fusedset.triton_kernels.registry import (
     CompileVariant,
     Launch,
@@ -597,12 +597,7 @@ def _splits(b: int, n: int, programs: int) -> tuple[int, int]:
 
 
 def _label(dtype: torch.dtype) -> str:
-    if dtype not in _LABELS:
-        raise TypeError(
-            f"cluster_accumulate: the Triton kernels take float16, bfloat16, float32 or float64 "
-            f"inputs, got {dtype}"
-        )
-    return _LABELS[dtype]
+    return triton_label("cluster_accumulate", _LABELS, dtype)
 
 
 def _is_wide(d: int, c: int, m: int, label: str) -> bool:

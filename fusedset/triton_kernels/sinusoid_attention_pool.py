@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedset._dtypes import triton_label
 from fusedset.triton_kernels.registry import (
     CompileVariant,
     Launch,
@@ -523,12 +524,7 @@ def _geometry(n: int, c: int, r: int, half: int) -> _Geometry:
 
 
 def _label(dtype: torch.dtype) -> str:
-    if dtype not in _LABELS:
-        raise TypeError(
-            f"sinusoid_attention_pool: the Triton kernel takes float16, bfloat16 or float32 x, "
-            f"got {dtype}"
-        )
-    return _LABELS[dtype]
+    return triton_label("sinusoid_attention_pool", _LABELS, dtype)
 
 
 def _plan(geometry: _Geometry, b: int, c: int, r: int, label: str, has_scale: bool):

@@ -12,10 +12,12 @@ MASTER_ADDR:MASTER_PORT), not through collectives, so that a rank busy with a lo
 holds no other up. A thread on every rank (``Watch``) beats, adds the templates its rank has
 fused to a shared count (rank 0's progress bar counts every rank's templates) and looks out for
 a failure. The first rank that fails writes its one-line error to the store; every rank prints
-that line and exits with code 2, the failing rank once the others have seen it. A rank whose
-beats stop for ``rank_timeout`` seconds (killed, or hung) has failed. The one collective, the
-gather of the descriptors, runs once every rank has finished its share, and rank 0 writes the
-output file only after it: a failure anywhere leaves no output.
+that line and exits with code 2, the failing rank (and rank 0, whose process may hold the store)
+once every rank not known dead has seen it. A rank whose beats stop for ``rank_timeout`` seconds
+(killed, or hung) has failed. Under torchrun, whose agent stops every rank when one dies, a rank
+stopped so says it and exits 2 at once. The one collective, the gather of the descriptors, runs
+once every rank has finished its share, and rank 0 writes the output file only after it: a
+failure anywhere leaves no output.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class Launch:
 def shares(frames: Sequence[int], world: int) -> list[np.ndarray]:
     """Template indices of each of ``world`` ranks, in increasing order: the templates by
     decreasing frame count (ties: the lower index), each to the rank with the fewest frames so
-    far (ties: the lower rank). No rank gets more than the least loaded one plus one template."""
+    far (ties: the lower rank). No rank ends with more frames than the least loaded one plus
+    one template's."""
     loads = [(0, rank) for rank in range(world)]
     owner = np.empty(len(frames), dtype=np.int64)
     for i in sorted(range(len(frames)), key=lambda i: (-frames[i], i)):

@@ -308,7 +308,7 @@ def test_triton_is_bitwise_deterministic_and_matches_cpp():
 @pytest.mark.cuda
 def test_triton_rejects_float64():
     x, q, g, pos, _ = problem(1, 4, 8, 2, 4)
-    with pytest.raises(TypeError, match=r"Triton kernels take float32, float16, bfloat16 inputs, got torch.float64"):
+    with pytest.raises(TypeError, match=r"float32, float16, bfloat16 inputs, got torch.float64"):
         run_on(TRITON_DEVICE, triton_kernels.forward, x.double(), q, g, pos, divisors_for(4),
                TWO_PI, 1e-5)  # fmt: skip
 

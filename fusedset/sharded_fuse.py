@@ -12,12 +12,12 @@ MASTER_ADDR:MASTER_PORT), not through collectives, so that a rank busy with a lo
 holds no other up. A thread on every rank (``Watch``) beats, adds the templates its rank has
 fused to a shared count (rank 0's progress bar counts every rank's templates) and looks out for
 a failure. The first rank that fails writes its one-line error to the store; every rank prints
-that line and exits with code 2, the failing rank (and rank 0, whose process may hold the store)
-once every rank not known dead has seen it. A rank whose beats stop for ``rank_timeout`` seconds
-(killed, or hung) has failed. Under torchrun, whose agent stops every rank when one dies, a rank
-stopped so says it and exits 2 at once. The one collective, the gather of the descriptors, runs
-once every rank has finished its share, and rank 0 writes the output file only after it: a
-failure anywhere leaves no output.
+that line and exits with code 2: the failing rank once every rank not known dead has seen it,
+rank 0 (whose process may hold the store) last. A rank whose beats stop for ``rank_timeout``
+seconds (killed, or hung) has failed. Under torchrun, whose agent stops every rank when one
+dies, a rank stopped so says it and exits 2 at once. The one collective, the gather of the
+descriptors, runs once every rank has finished its share, and rank 0 writes the output file
+only after it: a failure anywhere leaves no output.
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ class Watch:
 
     def _leave(self, store: dist.Store | None, error: str, wait: bool = True) -> None:
         """Print the first failure and exit 2, letting the others know it was seen. The failing
-        rank, and rank 0 (whose process may hold the store), wait until every rank not known
-        dead has seen it, at most GRACE_SECONDS."""
+        rank waits until every rank not known dead has seen it, and rank 0 (whose process may
+        hold the store) until every other such rank has gone, at most GRACE_SECONDS each."""
         bar, self._bar = self._bar, None
         if bar is not None:  # its last state, above the error
             bar.close()
@@ -194,20 +194,25 @@ class Watch:
         if store is not None:
             try:
                 store.add(f"seen/{self.launch.rank}", 1)
-                deadline = time.monotonic() + GRACE_SECONDS
-                while wait and (self._failing or self.launch.rank == 0):
-                    waiting = [
-                        r
-                        for r in range(self.launch.world)
-                        if not store.check([f"seen/{r}"]) and not store.check([f"dead/{r}"])
-                    ]
-                    if not waiting or time.monotonic() > deadline:
-                        break
-                    time.sleep(BEAT_SECONDS / 5)
+                if wait and self._failing:
+                    self._await(store, "seen")
+                if self.launch.rank != 0:
+                    store.add(f"gone/{self.launch.rank}", 1)
+                elif wait:
+                    self._await(store, "gone")
             except Exception:  # the store went first; nobody is left to tell
                 pass
         # No interpreter exit: a process group's teardown with its peers gone can abort.
         os._exit(2)
+
+    def _await(self, store: dist.Store, key: str) -> None:
+        """Until every other rank not known dead has set ``key``, or GRACE_SECONDS."""
+        deadline = time.monotonic() + GRACE_SECONDS
+        others = [r for r in range(self.launch.world) if r != self.launch.rank]
+        while time.monotonic() < deadline:
+            if all(store.check([f"{key}/{r}"]) or store.check([f"dead/{r}"]) for r in others):
+                return
+            time.sleep(BEAT_SECONDS / 5)
 
     def fail(self, message: str, store: dist.Store | None = None) -> None:
         """A failure seen by this rank (``message`` starts with the rank it is about): the first

@@ -187,15 +187,16 @@ struct ChannelBlockGrad {
   BitsOf<acc_t> with_std[kChannelBlock];
 };
 
-// dx of one pixel's channel block: RowGrad's formula, with its select made by bits. RowGrad
-// computes the std term only where std_scale != 0, which in a loop over channels is a
-// conditional multiply-add: see select_bits.
+// dx of one pixel's channel block: RowGrad's operator() with its select made by bits. It adds
+// the std term only where std_scale != 0, which in a loop over channels is a conditional
+// multiply-add: see select_bits.
 template <typename scalar_t, typename acc_t>
 void pixel_grad(const ChannelBlockGrad<acc_t>& grads, const scalar_t* __restrict px, int64_t width,
                 scalar_t* __restrict out) {
   for (int64_t c = 0; c < width; ++c) {
-    const acc_t deviation = (static_cast<acc_t>(px[c]) - grads.first[c]) - grads.mean[c];
-    const acc_t with_std = grads.mean_term[c] + grads.std_scale[c] * deviation;
+    const acc_t x = static_cast<acc_t>(px[c]) - grads.first[c];
+    const acc_t with_std =
+        RowGrad<acc_t>::with_std(grads.mean_term[c], grads.std_scale[c], grads.mean[c], x);
     out[c] = static_cast<scalar_t>(select_bits(grads.with_std[c], with_std, grads.mean_term[c]));
   }
 }

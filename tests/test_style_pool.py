@@ -124,6 +124,33 @@ def test_constant_rows_get_torchs_gradient(device, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_std_term_dropped_per_channel_among_others(device, layout, dtype):
+    """Channels without a std term (zero std, zero g_std) next to channels with one, in the same
+    channels_last pixel block and in the tail block of 70 channels: each gets its own gradient.
+    An unused std adds nothing even where it is NaN (an inf in the row), where a multiply by the
+    zero g_std would give NaN."""
+    x = feature_maps((2, 70, 5, 5), dtype, layout, device)
+    x[0, 3] = 7.0
+    x[1, 66] = -2.0
+    x[1, 5, 2, 1] = float("inf")
+    x.requires_grad_()
+    grad = torch.randn(2, 70, 2, device=device, dtype=dtype)
+    grad[:, ::4, 1] = 0.0
+    grad[1, 5, 1] = 0.0
+    (dx,) = torch.autograd.grad(kernel(x), x, grad)
+    mean_only = (grad[1, 5, 0].double() / 25).expand(5, 5)
+    torch.testing.assert_close(dx[1, 5].double(), mean_only, rtol=RTOL[dtype], atol=0)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.style_pool(x64), x64, grad.double())
+    assert expected[1, 5].isnan().all()
+    expected[1, 5] = mean_only
+    assert_rel_close(dx, expected, RTOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_stable_where_sum_of_squares_cancels(device, layout):
     x = feature_maps((4, 64, 28, 28), torch.float32, "contiguous") * 0 + 1e4
     x = (x + torch.randn_like(x)).to(device)

@@ -38,7 +38,14 @@ struct RowGrad {
         mean(mean_) {}
 
   FUSEDSET_HOST_DEVICE acc_t operator()(acc_t x) const {
-    return std_scale == acc_t(0) ? mean_term : mean_term + std_scale * (x - mean);
+    return std_scale == acc_t(0) ? mean_term : with_std(mean_term, std_scale, mean, x);
+  }
+
+  // The gradient with its std term, which operator() leaves out where std_scale is 0 (x - mean
+  // may be inf or NaN there).
+  FUSEDSET_HOST_DEVICE static acc_t with_std(acc_t mean_term, acc_t std_scale, acc_t mean,
+                                             acc_t x) {
+    return mean_term + std_scale * (x - mean);
   }
 };
 

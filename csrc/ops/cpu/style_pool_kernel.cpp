@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "ops/cpu/vector_math.h"
 #include "ops/lane_sum.h"
 #include "ops/style_pool.h"
 #include "ops/style_pool_math.h"
@@ -175,6 +176,31 @@ void channels_last_forward(const at::Tensor& x, at::Tensor& out, at::Tensor& sta
   });
 }
 
+// The gradients of one channel block, one array per RowGrad field, so the loop over channels
+// reads each as a vector; with_std is all ones where RowGrad adds the std term (std_scale != 0).
+template <typename acc_t>
+struct ChannelBlockGrad {
+  acc_t first[kChannelBlock];
+  acc_t mean_term[kChannelBlock];
+  acc_t std_scale[kChannelBlock];
+  acc_t mean[kChannelBlock];
+  BitsOf<acc_t> with_std[kChannelBlock];
+};
+
+// dx of one pixel's channel block: RowGrad's operator() with its select made by bits. It adds
+// the std term only where std_scale != 0, which in a loop over channels is a conditional
+// multiply-add: see select_bits.
+template <typename scalar_t, typename acc_t>
+void pixel_grad(const ChannelBlockGrad<acc_t>& grads, const scalar_t* __restrict px, int64_t width,
+                scalar_t* __restrict out) {
+  for (int64_t c = 0; c < width; ++c) {
+    const acc_t x = static_cast<acc_t>(px[c]) - grads.first[c];
+    const acc_t with_std =
+        RowGrad<acc_t>::with_std(grads.mean_term[c], grads.std_scale[c], grads.mean[c], x);
+    out[c] = static_cast<scalar_t>(select_bits(grads.with_std[c], with_std, grads.mean_term[c]));
+  }
+}
+
 template <typename scalar_t>
 void channels_last_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
                             at::Tensor& dx) {
@@ -185,19 +211,18 @@ void channels_last_backward(const at::Tensor& grad, const at::Tensor& x, const a
   scalar_t* dst = dx.mutable_data_ptr<scalar_t>();
   for_each_channel_block(x, [&](int64_t b, int64_t c0, int64_t width, int64_t channels, int64_t n) {
     const scalar_t* image = data + b * n * channels;
-    acc_t first[kChannelBlock];
-    RowGrad<acc_t> grads[kChannelBlock];
+    ChannelBlockGrad<acc_t> grads;
     for (int64_t c = 0; c < width; ++c) {
-      first[c] = static_cast<acc_t>(image[c0 + c]);
-      grads[c] = row_grad(g, s, b * channels + c0 + c, n);
+      const RowGrad<acc_t> row = row_grad(g, s, b * channels + c0 + c, n);
+      grads.first[c] = static_cast<acc_t>(image[c0 + c]);
+      grads.mean_term[c] = row.mean_term;
+      grads.std_scale[c] = row.std_scale;
+      grads.mean[c] = row.mean;
+      grads.with_std[c] = row.std_scale == acc_t(0) ? 0 : ~BitsOf<acc_t>(0);
     }
     scalar_t* out_image = dst + b * n * channels;
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t offset = i * channels + c0;
-      for (int64_t c = 0; c < width; ++c) {
-        out_image[offset + c] =
-            static_cast<scalar_t>(grads[c](static_cast<acc_t>(image[offset + c]) - first[c]));
-      }
+      pixel_grad(grads, image + i * channels + c0, width, out_image + i * channels + c0);
     }
   });
 }

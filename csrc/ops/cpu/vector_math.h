@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fusedset {
 
@@ -14,6 +15,26 @@ namespace fusedset {
 #else
 #define FUSEDSET_VECTOR_CLONES
 #endif
+
+// The unsigned integer as wide as a float or a double, to select between values by their bits.
+template <typename T>
+using BitsOf = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+
+// a where mask is all ones, b where it is zero. A ?: between two values computed in a loop may not
+// vectorize: GCC sinks the arithmetic that only one side uses into a branch, where it may trap
+// (the default -ftrapping-math) and so cannot be made unconditional again. Bitwise operations are
+// never moved into a branch.
+template <typename T>
+inline T select_bits(BitsOf<T> mask, T a, T b) {
+  BitsOf<T> a_bits;
+  BitsOf<T> b_bits;
+  std::memcpy(&a_bits, &a, sizeof(T));
+  std::memcpy(&b_bits, &b, sizeof(T));
+  const BitsOf<T> bits = (a_bits & mask) | (b_bits & ~mask);
+  T value;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
 
 // e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-7 polynomial
 // (relative error about 2e-7), 2^n put into the exponent bits. Below -87, e^x underflows float

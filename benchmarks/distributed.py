@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from fusedset.bench.common import Case, Measurement, fresh_process
+from fusedset.bench.facecoresetnet import unit_template
 
 EXPECTED_SECONDS = {"smoke": 20, "quick": 90, "full": 300}
 WORLD = 2
@@ -44,14 +45,12 @@ def _model(method: str) -> torch.nn.Module:
 def _shard(method: str, n: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shard ``index`` of WORLD equal shards of a probe of n frames, drawn from its own seed: a
     rank builds its own shard only, the single process every shard."""
-    generator = torch.Generator().manual_seed(index)
     size = n // WORLD
     if method == "caface":
+        generator = torch.Generator().manual_seed(index)
         features = torch.randn(1, size, 512, generator=generator) * 20
         return features, torch.randn(1, size, 384, 2, generator=generator)
-    directions = torch.randn(1, size, 512, generator=generator)
-    directions /= torch.linalg.vector_norm(directions, dim=-1, keepdim=True)
-    return directions, torch.empty(1, size, 1).uniform_(5, 40, generator=generator)
+    return unit_template(size, index)
 
 
 def _median_seconds(call: Callable, repeats: int, sync: Callable = lambda: None) -> float:

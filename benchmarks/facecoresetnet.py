@@ -44,7 +44,7 @@ DEFAULT_ALLOCATOR = "default-allocator"  # `python -m fusedset.bench.facecoreset
 PEAK_PARTS = ("decoder", "whole")  # the same, followed by N
 
 
-def _template(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_template(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit directions (1, N, C) and norms (1, N, 1) in the range of face-feature norms, built in
     place: no temporary larger than the template."""
     generator = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def _template(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _decoder_inputs(eager: FaceCoresetNetReference, n: int, seed: int) -> tuple:
     """(core, template, norms): the decoder's inputs, the template built in place."""
-    template, norms = _template(n, seed)
+    template, norms = unit_template(n, seed)
     template *= norms
     norms = norms.squeeze(-1)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def _cases(n: int, repeats: int, parts: tuple[str, ...]) -> list[Case]:
     eager, fast = _models()
     x_bytes = 4 * n * WIDTH
     make = {
-        "whole module": lambda device: [_template(n, seed) for seed in range(2)],
+        "whole module": lambda device: [unit_template(n, seed) for seed in range(2)],
         "decoder": lambda device: [_decoder_inputs(eager, n, seed) for seed in range(2)],
         "selection": lambda device: [_decoder_inputs(eager, n, seed)[1:] for seed in range(2)],
     }
@@ -202,7 +202,7 @@ def _peak_mib(part: str, n: int) -> float:
     decoder (`part`), the peak reset first (/proc/self/clear_refs) so that building the model
     and inputs does not count. The decoder's core is any 3 rows."""
     _, fast = _models()
-    embeddings, norms = _template(n, 0)
+    embeddings, norms = unit_template(n, 0)
     if part == "whole":
         call = partial(_no_grad(fast), embeddings, norms)
     else:
@@ -216,7 +216,7 @@ def _default_allocator_seconds() -> tuple[float, float]:
     with glibc's allocator as a fresh process has it: each call maps and zeroes its large
     temporaries anew (the cost the released code has in a user's process)."""
     eager, fast = _models()
-    inputs = [_template(TARGET_N, seed) for seed in range(2)]
+    inputs = [unit_template(TARGET_N, seed) for seed in range(2)]
     calls = {FAST: _no_grad(fast), EAGER: _no_grad(eager)}
     seconds = time_cpu(calls, inputs, warmup=1, repeats=5, keep_freed_memory=False)
     return seconds[FAST], seconds[EAGER]
